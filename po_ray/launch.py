@@ -1,0 +1,119 @@
+"""Run one training: check storage, join or start Ray, build the TorchTrainer, fit, return the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from po_ray.config import Config, ConfigError, to_dict
+from po_ray.loop import train_loop_per_worker
+from po_ray.reference import resolve_strategy
+
+# Environment the Train controller and workers must see as the driver does.
+FORWARDED_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "MLFLOW_TRACKING_URI", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE")
+MIN_FREE_BYTES = 200 * 2**20
+
+
+def storage_root(cfg: Config) -> Path:
+    if "://" in cfg.run.storage_path:
+        raise ConfigError(
+            f"run.storage_path: {cfg.run.storage_path!r}: po_ray writes its ledger, summary, reference cache and "
+            "exported model with plain file I/O, so give a POSIX path; on a cluster mount the bucket or share "
+            "(EFS/FSx/NFS/GCS FUSE) on every node and point storage_path at the mount"
+        )
+    return Path(cfg.run.storage_path).expanduser().resolve()
+
+
+def run_dir_for(cfg: Config) -> Path:
+    return storage_root(cfg) / cfg.run.name
+
+
+def check_storage(path: Path) -> None:
+    """Fail before any worker starts if the output folder cannot be written or the disk is full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".po_ray_write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run.storage_path: cannot write to {path}: {e.strerror}; choose a writable folder") from None
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(
+            f"run.storage_path: only {free / 2**20:.0f} MiB free under {path}; checkpoints need more — free space "
+            "or point storage_path elsewhere"
+        )
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+    )
+
+
+def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), name: str | None = None,
+                  storage_path: str | None = None) -> TorchTrainer:
+    run_dir = Path(storage_path or storage_root(cfg)) / (name or cfg.run.name)
+    loop_config = {
+        "config": to_dict(cfg),
+        "run_dir": str(run_dir),
+        "reference_cache_dir": str(Path(cfg.reference.cache_dir).resolve() if cfg.reference.cache_dir
+                                   else storage_root(cfg) / "reference_cache"),
+        **(loop_extra or {}),
+    }
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name or cfg.run.name,
+            storage_path=str(storage_path or storage_root(cfg)),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    """Train (or continue) the run ``cfg.run.name``; returns the summary written by rank 0."""
+    resolve_strategy(cfg)  # config errors before anything starts
+    run_dir = run_dir_for(cfg)
+    check_storage(run_dir)
+    summary_path = run_dir / "summary.json"
+    if has_checkpoints(run_dir):
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("steps") == cfg.train.max_steps:
+            print(f"[po-ray] run {cfg.run.name!r} already finished {cfg.train.max_steps} steps ({run_dir}); "
+                  "raise train.max_steps to continue it, or pick a new run.name", flush=True)
+            return json.loads(summary_path.read_text())
+        print(f"[po-ray] continuing run {cfg.run.name!r} from its last checkpoint in {run_dir}", flush=True)
+    elif resume:
+        raise ConfigError(f"--resume: no checkpoint of run {cfg.run.name!r} under {run_dir.parent}; nothing to resume")
+    ensure_ray(cfg)
+    build_trainer(cfg).fit()
+    return json.loads(summary_path.read_text())
