@@ -92,6 +92,8 @@ class LossConfig:
     """Weights of the losses named in `name`, in order; empty means all 1."""
     options: dict = field(default_factory=dict)
     """The loss's own knobs (label_smoothing, gamma, alpha, …), checked against what it declares."""
+    plugins: tuple = ()
+    """Python modules imported on every worker before the loss is built, so their @register_loss run."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from po_ray.config import Config, ConfigError, to_dict
 from po_ray.loop import train_loop_per_worker
+from po_ray.losses import build_loss
+from po_ray.losses.registry import import_loss_plugins
 from po_ray.reference import resolve_strategy
+from po_ray.tracking import resolve_tracking_uri
 
 # Environment the Train controller and workers must see as the driver does.
 FORWARDED_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "MLFLOW_TRACKING_URI", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE")
@@ -78,6 +81,8 @@ def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), 
     loop_config = {
         "config": to_dict(cfg),
         "run_dir": str(run_dir),
+        # Resolved here: workers run in another cwd, so a relative store path must be made absolute now.
+        "tracking_uri": resolve_tracking_uri(cfg.tracking, run_dir) if cfg.tracking.enabled else None,
         "reference_cache_dir": str(Path(cfg.reference.cache_dir).resolve() if cfg.reference.cache_dir
                                    else storage_root(cfg) / "reference_cache"),
         **(loop_extra or {}),
@@ -102,7 +107,9 @@ def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train (or continue) the run ``cfg.run.name``; returns the summary written by rank 0."""
-    resolve_strategy(cfg)  # config errors before anything starts
+    import_loss_plugins(cfg)
+    build_loss(cfg.loss)  # loss name/option errors before anything starts
+    resolve_strategy(cfg)
     run_dir = run_dir_for(cfg)
     check_storage(run_dir)
     summary_path = run_dir / "summary.json"

@@ -27,6 +27,7 @@ from po_ray.config import Config, from_dict, to_dict
 from po_ray.data import collate, load_pairs, load_tokenizer
 from po_ray.engine import build_engine, run, split_pairs
 from po_ray.losses import PairLogps, build_loss
+from po_ray.losses.registry import import_loss_plugins
 from po_ray.metrics import finalize, pack, step_metrics
 from po_ray.model import build_deepspeed_config, resolve_dtype
 from po_ray.reference import (
@@ -48,6 +49,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 def train_loop_per_worker(loop_config: dict) -> None:
     # ---- set up --------------------------------------------------------------------------------
     cfg: Config = from_dict(Config, loop_config["config"], "<run config>")
+    import_loss_plugins(cfg)
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -201,6 +203,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_dict(summary, "summary.json")
             tracker.set_tags({"model_dir": summary["model_dir"] or ""})
             tracker.end()
+            if tracker.run_id:  # created late if the server was down at start: keep it for the next resume
+                (run_dir / "mlflow_run_id").write_text(tracker.run_id)
 
 
 # ---- helpers (detail only; the control flow is above) ---------------------------------------------
@@ -335,13 +339,13 @@ class Ledger:
 
 
 def _tracker(cfg: Config, run_dir: Path, loop_config: dict):
-    if not cfg.tracking.enabled:
+    if not loop_config.get("tracking_uri"):
         return None
-    from po_ray.tracking import Tracker, resolve_tracking_uri
+    from po_ray.tracking import Tracker
 
     id_file = run_dir / "mlflow_run_id"
     tracker = Tracker(
-        resolve_tracking_uri(cfg.tracking, run_dir),
+        loop_config["tracking_uri"],
         cfg.tracking.experiment_name,
         cfg.tracking.run_name or loop_config.get("trial_name") or cfg.run.name,
         run_id=id_file.read_text().strip() if id_file.exists() else None,

@@ -48,14 +48,19 @@ def reference_model_config(cfg: Config):
     return replace(cfg.model, name_or_path=cfg.reference.name_or_path) if cfg.reference.name_or_path else cfg.model
 
 
-def cache_key(cfg: Config, train_pairs, eval_pairs) -> str:
-    """Key of a precomputed table: reference identity + the exact tokenised pairs + what shaped them."""
-    h = hashlib.sha256()
+def reference_identity(cfg: Config) -> dict:
+    """What a precomputed table depends on besides the pairs themselves: the reference model, the
+    data settings and the seed (which draws the held-out split). Runs equal here share a table."""
     model = to_dict(reference_model_config(cfg))
     for k in ("gradient_checkpointing", "logprob_chunk_size", "attn_implementation"):
         model.pop(k, None)  # do not change the numbers
-    identity = {"model": model, "seed": cfg.train.seed, "data": to_dict(cfg.data)}
-    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    return {"model": model, "seed": cfg.train.seed, "data": to_dict(cfg.data)}
+
+
+def cache_key(cfg: Config, train_pairs, eval_pairs) -> str:
+    """Key of a precomputed table: reference identity + the exact tokenised pairs + what shaped them."""
+    h = hashlib.sha256()
+    h.update(json.dumps(reference_identity(cfg), sort_keys=True, default=str).encode())
     for split in (train_pairs, eval_pairs):
         for p in split:
             h.update(json.dumps([p.pair_id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())

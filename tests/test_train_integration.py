@@ -167,16 +167,17 @@ def test_reference_free_loss_loads_no_reference(ray_session, tmp_path):
 def test_precomputed_reference_equals_sharded(ray_session, tmp_path):
     from po_ray.launch import train
 
-    runs = {}
+    runs, table_mtimes = {}, []
     for strategy in ("sharded", "precomputed", "precomputed"):
         name = f"{strategy}-{len(runs)}"
         summary = train(demo_config(tmp_path, name, f"reference.strategy={strategy}", "train.max_steps=4",
                                     "checkpoint.export_model=false"))
         runs[name] = ledger(Path(summary["run_dir"]))
+        table_mtimes.append([p.stat().st_mtime_ns for p in (tmp_path / "reference_cache").glob("*/logps.safetensors")])
     sharded, first, second = runs.values()
     for rank in (0, 1):
         for step in range(1, 5):
             assert first[rank][step]["loss"] == pytest.approx(sharded[rank][step]["loss"], abs=1e-5)
             assert second[rank][step]["loss"] == pytest.approx(sharded[rank][step]["loss"], abs=1e-5)
-    # Computed once, reused by the second run: one table in the cache.
-    assert len(list((tmp_path / "reference_cache").glob("*/logps.safetensors"))) == 1
+    # Computed once by the first precomputed run, reused (not rewritten) by the second.
+    assert table_mtimes[0] == [] and len(table_mtimes[1]) == 1 and table_mtimes[2] == table_mtimes[1]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Ray worker node joining the head at RAY_HEAD_ADDRESS. Everything comes from the environment, so
+# the same script runs in the compose services and on a plain host (with `ray` on PATH).
+#
+#   RAY_AUTH_TOKEN            required: the cluster's shared secret (the head's)
+#   RAY_AUTH_MODE             token (default)
+#   RAY_HEAD_ADDRESS          the head's GCS, host:port (default head:6379)
+#   RAY_NODE_IP               address this node advertises and binds to (default: this host's first IP)
+#   RAY_HEAD_WAIT_S           seconds to wait for the head's GCS to answer (default 120)
+#   RAY_NUM_CPUS, RAY_NUM_GPUS, RAY_RESOURCES (JSON), RAY_OBJECT_STORE_MEMORY (bytes),
+#   RAY_DASHBOARD_AGENT_LISTEN_PORT: optional; unset lets Ray decide
+#   PO_RAY_STORAGE            shared folder for run.storage_path (default /mnt/shared); must be writable
+set -euo pipefail
+
+: "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to the cluster secret, the same as on the head}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_AUTH_TOKEN
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+
+node_ip="${RAY_NODE_IP:-$(hostname -i | awk '{print $1}')}"
+head="${RAY_HEAD_ADDRESS:-head:6379}"
+storage="${PO_RAY_STORAGE:-/mnt/shared}"
+mkdir -p "$storage" && [ -w "$storage" ] || {
+  echo "entrypoint-worker: PO_RAY_STORAGE=$storage is not a writable folder; mount the shared volume there" >&2
+  exit 1
+}
+
+# Poll the head with a deadline: the worker may start before the head's GCS listens.
+deadline=$(( SECONDS + ${RAY_HEAD_WAIT_S:-120} ))
+until ray health-check --address "$head" >/dev/null 2>&1; do
+  if (( SECONDS >= deadline )); then
+    echo "entrypoint-worker: no Ray head answered at $head within ${RAY_HEAD_WAIT_S:-120} s (check RAY_HEAD_ADDRESS and RAY_AUTH_TOKEN)" >&2
+    exit 1
+  fi
+  sleep 2
+done
+
+args=(
+  --address="$head"
+  --node-ip-address="$node_ip"
+)
+[ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus="$RAY_NUM_CPUS")
+[ -n "${RAY_NUM_GPUS:-}" ] && args+=(--num-gpus="$RAY_NUM_GPUS")
+[ -n "${RAY_RESOURCES:-}" ] && args+=(--resources="$RAY_RESOURCES")
+[ -n "${RAY_OBJECT_STORE_MEMORY:-}" ] && args+=(--object-store-memory="$RAY_OBJECT_STORE_MEMORY")
+[ -n "${RAY_DASHBOARD_AGENT_LISTEN_PORT:-}" ] && args+=(--dashboard-agent-listen-port="$RAY_DASHBOARD_AGENT_LISTEN_PORT")
+
+echo "entrypoint-worker: ray start ${args[*]} (storage $storage)"
+exec ray start "${args[@]}" --block

@@ -1,0 +1,552 @@
+"""Robustness sweeps: a Ray Tune study of whole hyperparameter grids, one Ray Train run per trial.
+
+    po-ray sweep --study tune_spaces/robustness-demo.yaml [key=value …] [--resume]
+
+The recipe, top to bottom (``run_study``):
+  1. load the study and build every trial's run config up front (each cell of each method's grid,
+     both ends of each sampled range, each seed), so a typo fails before anything runs;
+  2. start (or, with --resume, continue) one MLflow parent run for the study;
+  3. compute the reference log-probs once per (reference model, data, seed) — the ``precomputed``
+     reference strategy's cache — so a study of T reference-based trials does one pass, not T;
+     reference-free methods need none;
+  4. per method, one Tune ``Tuner`` (its own experiment folder and, with ``stopping.asha``, its own
+     ASHA brackets, so methods are never cut against each other's scores) whose trainable is a
+     driver function: it builds the trial's ``TorchTrainer`` (ZeRO-3 workers) and forwards every
+     Train report to Tune, where ``CollapseStopper`` watches top-k entropy / mass, NaN and divergence;
+  5. record why and at which step each stopped trial stopped (stops.json, its MLflow child run),
+     write the report (Markdown, CSV, plots) and log it to the parent run.
+
+The study folder (``<storage_path>/<name>``) holds everything: ``study.json`` (what ran, for
+--resume and ``po-ray report``), one Tune experiment per method (``<method>/<trial>/result.json``),
+the trials' Train runs (``trials/<trial>/``: checkpoints, ledger, summary), the reference cache
+and its runs, the MLflow store (unless a server is given), ``stops.json`` and ``report/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+from po_ray.config import Config, load_config
+from po_ray.launch import build_trainer, check_storage, ensure_ray
+from po_ray.losses import build_loss, loss_needs_reference
+from po_ray.losses.registry import import_loss_plugins
+from po_ray.reference import reference_identity, resolve_strategy
+from po_ray.report import REPORT_DIR, STOPS_FILE, ReportError, write_report
+from po_ray.stoppers import CollapseStopper, StopDecision
+from po_ray.study import SEED_KEY, MethodSpace, StudyError, StudySpec, count_trials, load_study, to_tune_space, trial_overrides
+
+STUDY_FILE = "study.json"
+TRIALS_DIR = "trials"
+REFERENCE_CACHE_DIR = "reference_cache"
+REFERENCE_RUNS_DIR = "reference_runs"
+RESERVED_NAMES = (TRIALS_DIR, REFERENCE_CACHE_DIR, REFERENCE_RUNS_DIR, REPORT_DIR)
+
+# Ray Train hands worker reports to its controller (and so to Tune) once per health check, 2 s by
+# default: a tiny model's steps would reach the stopper in bunches, or not at all before the end.
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_S = "0.2"
+# A key under these sections changes what the reference pass computes (see reference_identity).
+_REFERENCE_SECTIONS = ("model.", "data.", "reference.")
+_NON_FINITE = re.compile(r"non-finite loss at step (\d+)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial configs and the reference passes (pure: no Ray started)
+
+
+@dataclass(frozen=True)
+class ReferencePass:
+    config: Config
+    """Run config of the pass: a reference-based trial's, under reference_runs/."""
+    methods: tuple[str, ...]
+    """Methods whose trials read this pass's table."""
+
+
+def study_folder(study: StudySpec) -> Path:
+    """<storage_path>/<name>, absolute (relative storage paths are under the cwd)."""
+    if "://" in study.storage_path:
+        raise StudyError(
+            f"{study.path}: storage_path: {study.storage_path!r}: the study writes its reference cache, stops and "
+            "report with plain file I/O; mount the bucket or share on every node and give the mount's path"
+        )
+    return Path(study.storage_path).expanduser().resolve() / study.name
+
+
+def study_tracking_uri(cfg: Config, study_dir: Path) -> str:
+    """The MLflow store of the whole study: the configured one, else a SQLite file in the study folder."""
+    if cfg.tracking.tracking_uri:
+        from po_ray.tracking import resolve_tracking_uri
+
+        return resolve_tracking_uri(cfg.tracking, study_dir)
+    return "sqlite:///" + (study_dir / "mlflow.db").as_posix()
+
+
+def for_study(cfg: Config, study_dir: Path, run_name: str, tracking_uri: str) -> Config:
+    """A trial's config with the study's shared places: its Train run at study_dir/trials/run_name,
+    the study's reference cache and MLflow store (unless the config names its own), and the
+    precomputed reference wherever the loss needs one and the config did not ask for `sharded`."""
+    reference = cfg.reference
+    if loss_needs_reference(cfg.loss) and reference.strategy in ("auto", "precomputed"):
+        reference = replace(reference, strategy="precomputed")
+    if not reference.cache_dir:
+        reference = replace(reference, cache_dir=str(study_dir / REFERENCE_CACHE_DIR))
+    tracking = cfg.tracking if cfg.tracking.tracking_uri else replace(cfg.tracking, tracking_uri=tracking_uri)
+    run = replace(cfg.run, name=run_name, storage_path=str(study_dir / TRIALS_DIR))
+    return replace(cfg, run=run, reference=reference, tracking=tracking)
+
+
+def trial_config(study: StudySpec, method: MethodSpace, params: dict, *, study_dir: Path, run_name: str,
+                 tracking_uri: str) -> Config:
+    """The run config of one trial: base config, the method's fixed values, the point ``params``
+    (Tune's config, with or without its ``method`` field), then the study's shared places."""
+    point = {k: v for k, v in params.items() if k != "method"}
+    cfg = load_config(study.base_config, trial_overrides(study, method, point))
+    return for_study(cfg, study_dir, run_name, tracking_uri)
+
+
+def probe_points(method: MethodSpace, seeds: typing.Sequence[int]) -> list[dict]:
+    """Every grid cell × every listed choice × both ends of every sampled range × every seed:
+    the points whose configs are checked before a study starts."""
+    keys = list(method.space)
+    values = itertools.product(*(method.space[k].values for k in keys))
+    return [{**dict(zip(keys, v)), SEED_KEY: seed} for v in values for seed in seeds]
+
+
+def plan_study(study: StudySpec, study_dir: Path, tracking_uri: str) -> list[ReferencePass]:
+    """Check every trial's config (config keys, loss and its knobs, reference strategy) and group
+    the reference-based ones by what their reference table depends on; returns one pass per group.
+
+    Raises StudyError naming the study file, the method and the point on the first bad config.
+    """
+    groups: dict[str, tuple[Config, list[str]]] = {}
+    for method in study.methods:
+        if method.name in RESERVED_NAMES:
+            raise StudyError(f"{study.path}: method {method.name!r}: the name is taken by the study folder's "
+                             f"{method.name}/; rename the method")
+        # A range drawn per trial over a data/model key gives every trial its own table; the
+        # trials then compute it themselves (strategy precomputed still saves the live reference).
+        drawn = [k for k, d in method.space.items() if d.kind in ("uniform", "loguniform") and k.startswith(_REFERENCE_SECTIONS)]
+        for point in probe_points(method, study.seeds):
+            try:
+                cfg = trial_config(study, method, point, study_dir=study_dir, run_name="check", tracking_uri=tracking_uri)
+                import_loss_plugins(cfg)
+                build_loss(cfg.loss)
+                resolve_strategy(cfg)
+            except ValueError as e:  # ConfigError, StudyError and the loss registry's errors
+                where = ", ".join(f"{k}={v}" for k, v in point.items())
+                raise StudyError(f"{study.path}: method {method.name} at {where}: {e}") from None
+            if cfg.reference.strategy != "precomputed" or drawn:
+                continue
+            key = json.dumps([reference_identity(cfg), cfg.reference.cache_dir], sort_keys=True, default=str)
+            groups.setdefault(key, (cfg, []))[1].append(method.name)
+    passes = []
+    for key, (cfg, methods) in groups.items():
+        name = "reference-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        run = replace(cfg.run, name=name, storage_path=str(study_dir / REFERENCE_RUNS_DIR))
+        passes.append(ReferencePass(replace(cfg, run=run), tuple(dict.fromkeys(methods))))
+    return passes
+
+
+# ---------------------------------------------------------------------------------------------
+# Why trials stopped
+
+
+class StopLog:
+    """stops.json of a study, ``{trial_id: {reason, step, detail}}`` (as ``CollapseStopper.save``
+    writes and ``po_ray.report`` reads). Every record re-reads and rewrites the file, so stops of an
+    earlier session of a resumed study are kept, and a stop is on disk the moment it is decided."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read(self) -> dict[str, StopDecision]:
+        return CollapseStopper.load(self.path) if self.path.is_file() else {}
+
+    def record(self, trial_id: str, decision: StopDecision) -> None:
+        stops = self.read()
+        if trial_id in stops:
+            return
+        stops[trial_id] = decision
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({k: dataclasses.asdict(v) for k, v in stops.items()}, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+class StudyStopper(CollapseStopper):
+    """CollapseStopper that writes each decision to the study's StopLog as it is made."""
+
+    def __init__(self, settings, log: StopLog):
+        super().__init__(settings)
+        self.log = log
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        stop = super().__call__(trial_id, result)
+        if stop:
+            self.log.record(trial_id, self.decisions[trial_id])
+        return stop
+
+
+class RecordingASHA(AsyncHyperBandScheduler):
+    """ASHA (Li et al. 2018, arXiv 1810.05934) on the score; each trial it cuts is logged as `asha`."""
+
+    def __init__(self, log: StopLog, **kwargs):
+        # Never "stop" a trial for reaching max_t: that is finishing, not an early stop.
+        super().__init__(stop_last_trials=False, **kwargs)
+        self.log = log
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            step = int(result.get("step", result.get("training_iteration", 0)))
+            detail = f"{self._metric} {result[self._metric]:.4g} at step {step} is below ASHA's cut-off at this rung"
+            self.log.record(trial.trial_id, StopDecision("asha", step, detail))
+        return action
+
+
+def _asha(study: StudySpec, log: StopLog) -> RecordingASHA:
+    train = study.config.train
+    if not train.eval_every and study.score.metric.startswith("eval/"):
+        raise StudyError(f"{study.path}: stopping.asha needs scores during training, but train.eval_every is 0 "
+                         f"(only a final {study.score.metric}); set base_overrides train.eval_every")
+    grace = min(train.eval_every or 1, train.max_steps)
+    return RecordingASHA(log, time_attr="step", metric=study.score.metric, mode=study.score.mode,
+                         max_t=train.max_steps, grace_period=grace, reduction_factor=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class StudyProgress(tune.Callback):
+    """One line whenever a trial starts, ends or the best score changes:
+    ``[po-ray] dpo: 1 running, 2 done, 1 stopped early, 0 failed, 4 waiting | best <score> 0.81 (trial)``."""
+
+    def __init__(self, method: str, total: int, metric: str, mode: str, log: StopLog):
+        self.method, self.total, self.metric, self.mode, self.log = method, total, metric, mode, log
+        self.latest: dict[str, tuple[float, str]] = {}  # trial_id -> (its last score, its name)
+        self.best: tuple[float, str] | None = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(trials, f"{trial} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return
+        self.latest[trial.trial_id] = (float(value), str(trial))
+        pick = max if self.mode == "max" else min
+        best = pick(self.latest.values(), key=lambda v: v[0])
+        if best != self.best:
+            self.best = best
+            self._say(trials, f"{trial} step {result.get('step')}: {self.metric} {value:.4g}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        stop = self.log.read().get(trial.trial_id)
+        what = f"stopped early at step {stop.step} ({stop.reason}: {stop.detail})" if stop else "finished"
+        self._say(trials, f"{trial} {what}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trials, f"{trial} failed; its error is in {trial.local_path}/error.txt")
+
+    def _say(self, trials, event: str) -> None:
+        stops = self.log.read()
+        status = [t.status for t in trials]
+        ended = [t for t in trials if t.status == "TERMINATED"]
+        stopped = sum(t.trial_id in stops for t in ended)
+        counts = {"running": status.count("RUNNING"), "done": len(ended) - stopped, "stopped early": stopped,
+                  "failed": status.count("ERROR")}
+        counts["waiting"] = max(self.total - sum(counts.values()), 0)
+        best = f" | best {self.metric} {self.best[0]:.4g} ({self.best[1]})" if self.best else ""
+        print(f"[po-ray] {self.method}: {event}\n[po-ray] {self.method}: "
+              + ", ".join(f"{n} {k}" for k, n in counts.items()) + best, flush=True)
+
+
+def trial_name(trial) -> str:
+    """Tune trial (and folder) name: ``<method>_<trial id>``; also the trial's Train run name."""
+    return f"{trial.config['method']}_{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver trainable: one Tune trial = one Ray Train run
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    study: StudySpec
+    study_dir: str
+    tracking_uri: str
+    parent_run_id: str | None
+
+
+def run_trial(params: dict, setup: TrialSetup) -> None:
+    """Tune trainable: build this trial's TorchTrainer (its own ZeRO-3 worker group, reserving
+    its own resources) and fit it; TuneReportCallback passes each Train report on to Tune.
+
+    A run that ends on a non-finite loss (the loop stops before the NaN reaches the weights) is
+    reported to Tune as a NaN loss at that step, so the stopper records it as ``nan_loss``
+    instead of the trial failing.
+    """
+    context = tune.get_context()
+    name, study = context.get_trial_name(), setup.study
+    method = study.method(params["method"])
+    cfg = trial_config(study, method, params, study_dir=Path(setup.study_dir), run_name=name,
+                       tracking_uri=setup.tracking_uri)
+    loop_extra = {
+        "trial_name": name,
+        "parent_run_id": setup.parent_run_id,
+        "tags": {"method": method.name, "po_ray.study": study.name, "po_ray.trial_id": context.get_trial_id()},
+    }
+    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the loop's non-finite-loss stop
+        step = non_finite_step(e)
+        if step is None:
+            raise
+        tune.report({"step": step, "loss": math.nan})
+
+
+def non_finite_step(error: BaseException) -> int | None:
+    """The step of the loop's "non-finite loss at step N" anywhere in an exception chain, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        match = _NON_FINITE.search(str(error))
+        if match:
+            return int(match.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (), resume: bool = False) -> dict:
+    """Run (or with ``resume`` continue) the study in ``study_path``; returns where things are:
+    study_dir, report (name -> path), tracking_uri, parent_run_id, interrupted."""
+    # ---- the study, every trial's config checked, the folder claimed ---------------------------
+    study = load_study(study_path, overrides)
+    study_dir = study_folder(study)
+    manifest_path = study_dir / STUDY_FILE
+    manifest = _read_json(manifest_path)
+    if resume:
+        if manifest is None:
+            raise StudyError(f"--resume: no study {study.name!r} in {study_dir} (no {STUDY_FILE}); "
+                             "run without --resume to start it")
+        if not overrides and manifest["overrides"]:
+            overrides = manifest["overrides"]
+            study = load_study(study_path, overrides)
+        elif list(overrides) != manifest["overrides"]:
+            raise StudyError(f"--resume: the study was started with overrides {manifest['overrides']}, not "
+                             f"{list(overrides)}; resume with the same ones (or none, to reuse them)")
+    elif manifest is not None:
+        raise StudyError(f"study {study.name!r} already ran in {study_dir}; add --resume to continue it (finished "
+                         "trials are kept), or pick another name (name=...)")
+    tracking_uri = study_tracking_uri(study.config, study_dir)
+    passes = plan_study(study, study_dir, tracking_uri)
+    check_storage(study_dir)
+    print(f"[po-ray] study {study.name}: {count_trials(study)} trials of {', '.join(m.name for m in study.methods)} "
+          f"in {study_dir}", flush=True)
+
+    # ---- Ray, the MLflow parent run, the manifest ----------------------------------------------
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)  # before Ray starts: forwarded to every actor
+    if study.asha:
+        # ASHA's metric is a held-out score, present only in eval steps' reports.
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    ensure_ray(study.config)
+    parent = _parent_run(study, study_dir, tracking_uri, (manifest or {}).get("parent_run_id"))
+    manifest = {
+        "study_file": str(Path(study_path).resolve()),
+        "overrides": list(overrides),
+        "score": dataclasses.asdict(study.score),
+        "max_steps": _max_steps(study),
+        "methods": [m.name for m in study.methods],
+        "tracking_uri": tracking_uri if parent else None,
+        "experiment_name": study.config.tracking.experiment_name,
+        "parent_run_id": parent.run_id if parent else None,
+    }
+    _write_json(manifest_path, manifest)
+
+    # ---- reference log-probs, once per (reference, data, seed) ---------------------------------
+    for p in passes:
+        print(f"[po-ray] reference log-probs for {', '.join(p.methods)} (seed {p.config.train.seed}): one pass, "
+              f"shared by their trials ({p.config.reference.cache_dir})", flush=True)
+        build_trainer(p.config, loop_extra={"precompute_only": True}).fit()
+
+    # ---- one Tuner per method -----------------------------------------------------------------
+    log = StopLog(study_dir / STOPS_FILE)
+    setup = TrialSetup(study, str(study_dir), tracking_uri, manifest["parent_run_id"])
+    results = []
+    for method in study.methods:
+        grid = _tuner(study, method, study_dir, setup, log).fit()
+        results += list(grid)
+        if len(grid) > grid.num_terminated + grid.num_errors:
+            print(f"[po-ray] study interrupted; continue it with: po-ray sweep --study {study_path} --resume",
+                  flush=True)
+            if parent:
+                parent.end("KILLED")
+            return {"study_dir": str(study_dir), "report": {}, "tracking_uri": manifest["tracking_uri"],
+                    "parent_run_id": manifest["parent_run_id"], "interrupted": True}
+
+    # ---- stops into the trials' MLflow runs, the report into the parent's ---------------------
+    if parent:
+        _close_trial_runs(study_dir, results, log.read(), study.config.tracking.experiment_name, tracking_uri)
+    paths = _report(study_dir, manifest, parent)
+    print(_format_summary(study, study_dir, results, log.read(), paths, manifest), flush=True)
+    return {"study_dir": str(study_dir), "report": {k: str(v) for k, v in paths.items()},
+            "tracking_uri": manifest["tracking_uri"], "parent_run_id": manifest["parent_run_id"], "interrupted": False}
+
+
+def report_study(study_dir: str | os.PathLike) -> dict[str, str]:
+    """(Re)write the report of a study folder and log it to the study's MLflow parent run (if any);
+    returns {name: path} of the files written."""
+    study_dir = Path(study_dir).expanduser().resolve()
+    manifest = _read_json(study_dir / STUDY_FILE)
+    if manifest is None:
+        raise ReportError(f"{study_dir}: no {STUDY_FILE}, so not a study folder written by `po-ray sweep`")
+    parent = None
+    if manifest.get("parent_run_id"):
+        from po_ray.tracking import Tracker
+
+        parent = Tracker(manifest["tracking_uri"], manifest["experiment_name"], study_dir.name,
+                         run_id=manifest["parent_run_id"], fallback_dir=study_dir)
+        parent.start()
+    return {k: str(v) for k, v in _report(study_dir, manifest, parent).items()}
+
+
+def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialSetup, log: StopLog) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), study.trial_resources)
+    path = study_dir / method.name
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[po-ray] {method.name}: continuing its trials from {path} (finished ones are kept)", flush=True)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    total = count_trials(replace(study, methods=(method,)))
+    return tune.Tuner(
+        trainable,
+        param_space={"method": method.name, **to_tune_space(method, study.seeds)},
+        tune_config=tune.TuneConfig(
+            num_samples=method.num_samples,
+            max_concurrent_trials=study.max_concurrent_trials,
+            scheduler=_asha(study, log) if study.asha else None,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=method.name,
+            storage_path=str(study_dir),
+            stop=StudyStopper(study.stopping, log),
+            callbacks=[StudyProgress(method.name, total, study.score.metric, study.score.mode, log)],
+            verbose=0,  # StudyProgress says what matters; Tune's tables would repeat it
+        ),
+    )
+
+
+def _max_steps(study: StudySpec) -> int | None:
+    """The study-wide step budget, or None when a method fixes or searches train.max_steps."""
+    if any("train.max_steps" in m.fixed or "train.max_steps" in m.space for m in study.methods):
+        return None
+    return study.config.train.max_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow and the report
+
+
+def _parent_run(study: StudySpec, study_dir: Path, tracking_uri: str, run_id: str | None):
+    if not study.config.tracking.enabled:
+        return None
+    from po_ray.config import to_dict
+    from po_ray.tracking import Tracker
+
+    parent = Tracker(tracking_uri, study.config.tracking.experiment_name, study.name, run_id=run_id,
+                     tags={"po_ray.study": study.name, "po_ray.kind": "study"}, fallback_dir=study_dir)
+    parent.start()
+    if run_id is None:
+        parent.log_params({
+            "study": {
+                "file": str(study.path), "methods": ",".join(m.name for m in study.methods),
+                "seeds": ",".join(map(str, study.seeds)), "trials": count_trials(study),
+                "score": dataclasses.asdict(study.score), "asha": study.asha,
+                "max_concurrent_trials": study.max_concurrent_trials,
+            },
+            "base": to_dict(study.config),
+        })  # fmt: skip
+        parent.log_artifact(study.path, "study")
+        parent.log_dict({m.name: {"fixed": m.fixed, "space": {k: dataclasses.asdict(d) for k, d in m.space.items()},
+                                  "num_samples": m.num_samples} for m in study.methods}, "study/methods.json")
+    return parent
+
+
+def _close_trial_runs(study_dir: Path, results, stops: dict[str, StopDecision], experiment: str, uri: str) -> None:
+    """Tag each stopped trial's child run with why and when (its workers were killed mid-run, so
+    nobody ended it), and each failed one with its error."""
+    from po_ray.tracking import Tracker
+
+    for result in results:
+        name = Path(result.path).name
+        id_file = study_dir / TRIALS_DIR / name / "mlflow_run_id"
+        stop = stops.get(str(result.metrics.get("trial_id") or name.removeprefix(f"{result.config['method']}_")))
+        if not id_file.is_file() or (stop is None and result.error is None):
+            continue
+        child = Tracker(uri, experiment, name, run_id=id_file.read_text().strip())
+        child.start()
+        if stop is not None:
+            child.set_tags({"stop_reason": stop.reason, "stop_step": stop.step, "stop_detail": stop.detail})
+            child.end("KILLED")
+        else:
+            child.set_tags({"error": str(result.error).strip().splitlines()[-1][:500]})
+            child.end("FAILED")
+
+
+def _report(study_dir: Path, manifest: dict, parent) -> dict[str, Path]:
+    score = manifest["score"]
+    paths = write_report(study_dir, score_metric=score["metric"], mode=score["mode"], epsilon=score["epsilon"],
+                         max_steps=manifest["max_steps"])
+    if parent:
+        parent.log_artifacts(study_dir / REPORT_DIR, "report")
+        summary = pd.read_csv(paths["summary"])
+        for row in summary.to_dict("records"):
+            parent.log_metrics({f"{row['method']}/{k}": v for k, v in row.items() if k != "method"}, step=0)
+        parent.end()
+    return paths
+
+
+def _format_summary(study, study_dir, results, stops, paths, manifest) -> str:
+    summary = pd.read_csv(paths["summary"])
+    failed = sum(r.error is not None for r in results)
+    lines = [
+        "", f"=== po-ray: study {study.name} finished ===",
+        f"{len(results)} trials: {len(stops)} stopped early, {failed} failed",
+        summary.to_string(index=False),
+        f"{'report (Markdown, CSV, plots)':32s} {paths['report']}",
+        f"{'study folder':32s} {study_dir}",
+    ]  # fmt: skip
+    if manifest["parent_run_id"]:
+        lines.append(f"{'MLflow parent run':32s} {manifest['parent_run_id']} in {manifest['tracking_uri']}")
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,391 @@
+"""Sweeps: trial configs checked up front, one reference pass per (reference, data, seed), stop
+records, progress, the study folder's guards — and, as an integration test, a real study.
+
+The integration test runs a tiny study end to end: a sane DPO cell that must run every step next
+to an over-optimising one (large learning rate, small β) that the stopper must stop early.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from po_ray.report import ReportError, load_trials
+from po_ray.stoppers import CollapseStopper, StopDecision
+from po_ray.study import SPACES_DIR, StudyError, load_study
+from po_ray.sweep import (
+    REFERENCE_CACHE_DIR,
+    STUDY_FILE,
+    TRIALS_DIR,
+    StopLog,
+    StudyProgress,
+    StudyStopper,
+    non_finite_step,
+    plan_study,
+    probe_points,
+    report_study,
+    run_study,
+    study_folder,
+    study_tracking_uri,
+    trial_config,
+    trial_name,
+)
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "po_ray" / "configs" / "demo.yaml"
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_study(tmp: Path, methods, **changes) -> Path:
+    raw = {
+        "name": "s",
+        "base_config": str(DEMO_CONFIG),
+        "base_overrides": {"train.max_steps": 20},
+        "methods": methods,
+        "seeds": [0],
+        "score": {"metric": "eval/rewards/accuracies", "mode": "max", "epsilon": 0.05},
+        "trial_resources": {"CPU": 0},
+        "storage_path": str(tmp / "runs"),
+        **changes,
+    }
+    return write(tmp / "study.yaml", raw)
+
+
+def planned(path: Path):
+    study = load_study(path)
+    study_dir = study_folder(study)
+    return study, study_dir, plan_study(study, study_dir, study_tracking_uri(study.config, study_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every trial's config, checked before anything runs
+
+
+def test_a_knob_the_loss_does_not_take_fails_naming_method_and_point(tmp_path):
+    # load_study checks config keys; only the loss registry knows that dpo has no `gamma`.
+    write(tmp_path / "bad_dpo.yaml", {"method": "bad_dpo", "fixed": {"loss.name": "dpo"},
+                                      "space": {"loss.beta": {"grid": [0.1, 0.2]}, "loss.options.gamma": {"grid": [1.0]}}})
+    path = make_study(tmp_path, ["simpo", "bad_dpo"])
+    study = load_study(path)
+    with pytest.raises(StudyError, match=r"method bad_dpo at loss\.beta=0\.1, loss\.options\.gamma=1\.0, train\.seed=0: .*gamma"):
+        plan_study(study, study_folder(study), "sqlite:///x.db")
+    assert not (tmp_path / "runs").exists(), "nothing may be written before every trial config is known good"
+
+
+def test_a_reference_for_a_reference_free_loss_fails_before_anything_runs(tmp_path):
+    write(tmp_path / "bad_simpo.yaml", {"method": "bad_simpo", "fixed": {"loss.name": "simpo", "reference.strategy": "sharded"},
+                                        "space": {"loss.beta": {"grid": [2.0]}}})
+    study = load_study(make_study(tmp_path, ["bad_simpo"]))
+    with pytest.raises(StudyError, match="method bad_simpo .*reference-free"):
+        plan_study(study, study_folder(study), "sqlite:///x.db")
+
+
+def test_method_named_like_a_study_subfolder_is_refused(tmp_path):
+    write(tmp_path / "trials.yaml", {"method": "trials", "fixed": {"loss.name": "dpo"}, "space": {"loss.beta": {"grid": [0.1]}}})
+    study = load_study(make_study(tmp_path, ["trials"]))
+    with pytest.raises(StudyError, match="taken by the study folder"):
+        plan_study(study, study_folder(study), "sqlite:///x.db")
+
+
+def test_probe_points_cover_grids_choices_range_ends_and_seeds(tmp_path):
+    write(tmp_path / "mixed.yaml", {"method": "mixed", "fixed": {"loss.name": "dpo"},
+                                    "space": {"loss.beta": {"grid": [0.1, 0.2]}, "optimizer.lr": {"loguniform": [1.0e-5, 1.0e-3]},
+                                              "loss.nll_alpha": {"choice": [0.0, 0.5, 1.0]}}})
+    study = load_study(make_study(tmp_path, ["mixed"], seeds=[0, 7]))
+    points = probe_points(study.methods[0], study.seeds)
+    assert len(points) == 2 * 2 * 3 * 2
+    assert {p["optimizer.lr"] for p in points} == {1.0e-5, 1.0e-3}
+    assert {p["train.seed"] for p in points} == {0, 7}
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial's config: the study's shared places
+
+
+def test_trial_config_points_at_the_study_cache_store_and_trials_folder(tmp_path):
+    study, study_dir, _ = planned(make_study(tmp_path, ["dpo", "simpo"]))
+    uri = study_tracking_uri(study.config, study_dir)
+    assert uri == f"sqlite:///{study_dir}/mlflow.db"
+    dpo = trial_config(study, study.method("dpo"), {"method": "dpo", "loss.beta": 0.3, "optimizer.lr": 1.0e-6, "train.seed": 4},
+                       study_dir=study_dir, run_name="dpo_t1", tracking_uri=uri)
+    assert (dpo.loss.beta, dpo.optimizer.lr, dpo.train.seed, dpo.train.max_steps) == (0.3, 1.0e-6, 4, 20)
+    assert dpo.reference.strategy == "precomputed"
+    assert dpo.reference.cache_dir == str(study_dir / REFERENCE_CACHE_DIR)
+    assert (dpo.run.name, dpo.run.storage_path) == ("dpo_t1", str(study_dir / TRIALS_DIR))
+    assert dpo.tracking.tracking_uri == uri
+    simpo = trial_config(study, study.method("simpo"),
+                         {"loss.beta": 2.0, "optimizer.lr": 3.0e-7, "loss.options.gamma": 0.5, "train.seed": 0},
+                         study_dir=study_dir, run_name="simpo_t2", tracking_uri=uri)
+    assert simpo.reference.strategy == "none"
+
+
+def test_an_explicit_sharded_reference_and_tracking_store_are_kept(tmp_path):
+    path = make_study(tmp_path, ["dpo"], base_overrides={"reference.strategy": "sharded",
+                                                          "tracking.tracking_uri": "http://127.0.0.1:5999"})
+    study, study_dir, passes = planned(path)
+    cfg = trial_config(study, study.methods[0], {"loss.beta": 0.1, "optimizer.lr": 1.0e-6, "train.seed": 0},
+                       study_dir=study_dir, run_name="t", tracking_uri=study_tracking_uri(study.config, study_dir))
+    assert cfg.reference.strategy == "sharded" and passes == []
+    assert cfg.tracking.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_remote_storage_path_is_refused(tmp_path):
+    study = load_study(make_study(tmp_path, ["dpo"], storage_path="s3://bucket/studies"))
+    with pytest.raises(StudyError, match="mount"):
+        study_folder(study)
+
+
+# ---------------------------------------------------------------------------------------------
+# One reference pass per (reference model, data, seed)
+
+
+def test_methods_that_share_model_data_and_seed_share_one_pass(tmp_path):
+    # dpo and ln_dpo differ only in the loss: one table; simpo needs none.
+    study, study_dir, passes = planned(make_study(tmp_path, ["dpo", "ln_dpo", "simpo"]))
+    assert len(passes) == 1
+    (p,) = passes
+    assert p.methods == ("dpo", "ln_dpo")
+    assert p.config.reference.strategy == "precomputed"
+    assert p.config.reference.cache_dir == str(study_dir / REFERENCE_CACHE_DIR)
+    assert Path(p.config.run.storage_path).parent == study_dir and p.config.run.name.startswith("reference-")
+
+
+def test_each_seed_and_each_tokenisation_gets_its_own_pass(tmp_path):
+    # The seed draws the held-out split; POET changes the tokenised pairs: both change the table.
+    study, _, passes = planned(make_study(tmp_path, ["dpo", "dpo_poet", "simpo", "orpo"], seeds=[0, 1]))
+    got = sorted((p.config.train.seed, p.config.data.poet, p.methods) for p in passes)
+    assert got == [(0, False, ("dpo",)), (0, True, ("dpo_poet",)), (1, False, ("dpo",)), (1, True, ("dpo_poet",))]
+    assert len({p.config.run.name for p in passes}) == 4
+
+
+def test_a_drawn_data_setting_leaves_the_tables_to_the_trials(tmp_path):
+    write(tmp_path / "drawn.yaml", {"method": "drawn", "fixed": {"loss.name": "dpo"},
+                                    "space": {"data.eval_fraction": {"uniform": [0.05, 0.2]}}})
+    _, _, passes = planned(make_study(tmp_path, ["drawn"]))
+    assert passes == []
+
+
+def test_the_shipped_demo_study_plans_one_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its storage_path is relative to the cwd
+    study, study_dir, passes = planned(SPACES_DIR / "robustness-demo.yaml")
+    assert study_dir == tmp_path / "po_ray_runs" / "robustness-demo"
+    assert [p.methods for p in passes] == [("dpo", "ln_dpo")]
+    assert not study_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Why trials stopped
+
+
+def test_stop_log_merges_and_never_overwrites_a_stop(tmp_path):
+    log = StopLog(tmp_path / "stops.json")
+    assert log.read() == {}
+    log.record("a", StopDecision("topk_entropy_collapse", 12, "entropy fell"))
+    StopLog(tmp_path / "stops.json").record("b", StopDecision("asha", 10, "cut"))  # e.g. a resumed session
+    log.record("a", StopDecision("divergence", 30, "later"))
+    stops = CollapseStopper.load(tmp_path / "stops.json")
+    assert stops == {"a": StopDecision("topk_entropy_collapse", 12, "entropy fell"), "b": StopDecision("asha", 10, "cut")}
+
+
+def test_study_stopper_writes_the_decision_when_it_stops(tmp_path):
+    study = load_study(make_study(tmp_path, ["dpo"], stopping={"divergence_factor": 3.0, "min_steps": 100}))
+    stopper = StudyStopper(study.stopping, StopLog(tmp_path / "stops.json"))
+    assert [stopper("t1", {"step": s, "loss": 0.7, "topk_entropy": 2.0}) for s in (1, 2)] == [False, False]
+    assert stopper("t2", {"step": 1, "loss": 0.7}) is False
+    assert stopper("t2", {"step": 2, "loss": 2.2}) is True  # > 3 × 0.7
+    assert not (tmp_path / "stops.json").read_text().count("t1")
+    stops = CollapseStopper.load(tmp_path / "stops.json")
+    assert list(stops) == ["t2"] and (stops["t2"].reason, stops["t2"].step) == ("divergence", 2)
+
+
+def test_non_finite_step_is_found_anywhere_in_the_chain():
+    try:
+        try:
+            raise FloatingPointError("non-finite loss at step 7 (pairs on this rank: [3]); no update was applied.")
+        except FloatingPointError as inner:
+            raise RuntimeError("Training failed: worker group error") from inner
+    except RuntimeError as e:
+        assert non_finite_step(e) == 7
+    assert non_finite_step(RuntimeError("CUDA out of memory at step 7")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class FakeTrial(SimpleNamespace):
+    """What StudyProgress reads of a Tune Trial (whose str() is its name)."""
+
+    def __str__(self):
+        return trial_name(self)
+
+
+def fake_trial(trial_id, status, method="dpo"):
+    return FakeTrial(trial_id=trial_id, status=status, config={"method": method}, local_path=f"/x/{trial_id}")
+
+
+def test_progress_counts_running_done_stopped_and_tracks_the_best(tmp_path, capsys):
+    log = StopLog(tmp_path / "stops.json")
+    log.record("t2", StopDecision("topk_mass_collapse", 9, "mass fell"))
+    progress = StudyProgress("dpo", 5, "eval/rewards/accuracies", "max", log)
+    trials = [fake_trial("t1", "TERMINATED"), fake_trial("t2", "TERMINATED"), fake_trial("t3", "RUNNING")]
+    progress.on_trial_result(0, trials, trials[2], {"step": 10, "eval/rewards/accuracies": 0.5})
+    progress.on_trial_result(0, trials, trials[0], {"step": 10, "eval/rewards/accuracies": 0.75})
+    progress.on_trial_result(0, trials, trials[2], {"step": 11, "loss": 0.3})  # no score: no line
+    progress.on_trial_complete(0, trials, trials[1])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6
+    assert out[3].endswith("1 running, 1 done, 1 stopped early, 0 failed, 2 waiting | best eval/rewards/accuracies 0.75 (dpo_t1)")
+    assert "dpo_t2 stopped early at step 9 (topk_mass_collapse: mass fell)" in out[4]
+
+
+# ---------------------------------------------------------------------------------------------
+# The study folder: claimed once, resumed on purpose
+
+
+def test_resume_needs_a_study_and_a_new_run_needs_a_fresh_folder(tmp_path):
+    path = make_study(tmp_path, ["dpo"])
+    with pytest.raises(StudyError, match="--resume: no study 's'"):
+        run_study(path, resume=True)
+    study_dir = tmp_path / "runs" / "s"
+    study_dir.mkdir(parents=True)
+    (study_dir / STUDY_FILE).write_text(json.dumps({"overrides": ["train.max_steps=5"]}))
+    with pytest.raises(StudyError, match="already ran in .*--resume"):
+        run_study(path)
+    with pytest.raises(StudyError, match=r"started with overrides \['train.max_steps=5'\]"):
+        run_study(path, overrides=["train.max_steps=6"], resume=True)
+
+
+def test_report_of_a_folder_that_is_not_a_study(tmp_path):
+    with pytest.raises(ReportError, match="not a study folder"):
+        report_study(tmp_path)
+
+
+def test_report_study_rewrites_the_report_from_the_folder(tmp_path):
+    study_dir = tmp_path / "s"
+    for i, (method, acc, steps) in enumerate([("dpo", 0.8, 20), ("dpo", 0.5, 9), ("simpo", 0.7, 20)]):
+        trial = study_dir / method / f"{method}_t{i}"
+        trial.mkdir(parents=True)
+        (trial / "params.json").write_text(json.dumps({"method": method, "loss.beta": 0.1 * (i + 1)}))
+        rows = [{"step": s, "loss": 0.6, "trial_id": f"t{i}", "trial_name": trial.name} for s in range(1, steps)]
+        rows.append({"step": steps, "loss": 0.5, "eval/rewards/accuracies": acc, "trial_id": f"t{i}", "trial_name": trial.name})
+        (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    StopLog(study_dir / "stops.json").record("t1", StopDecision("divergence", 9, "loss rose"))
+    (study_dir / STUDY_FILE).write_text(json.dumps({
+        "score": {"metric": "eval/rewards/accuracies", "mode": "max", "epsilon": 0.15}, "max_steps": 20,
+        "parent_run_id": None, "tracking_uri": None, "experiment_name": "po_ray"}))
+    paths = report_study(study_dir)
+    assert {"report", "summary", "trials", "score_distribution", "signals"} <= set(paths)
+    summary = {r["method"]: r for r in pd.read_csv(paths["summary"]).to_dict("records")}
+    assert summary["dpo"]["best"] == 0.8 and summary["dpo"]["stopped"] == 1 and summary["dpo"]["steps_saved"] == 11
+    assert summary["simpo"]["within_epsilon"] == 1 and summary["dpo"]["within_epsilon"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The real thing, small
+
+
+SANE = {"optimizer.lr": 1.0e-3, "loss.beta": 0.1}
+OVER = {"optimizer.lr": 0.08, "loss.beta": 0.01}  # large learning rate, small β
+MAX_STEPS = 24
+
+
+@pytest.fixture
+def ray_shutdown():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_sweep_stops_the_over_optimising_cell_and_tracks_and_reports_the_study(tmp_path, ray_shutdown, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Two one-cell methods (a grid over lr × β would also run the two mixed cells), both DPO on
+    # the same data and seed: one reference table serves both.
+    for name, fixed in (("sane", SANE), ("over", OVER)):
+        write(tmp_path / f"{name}.yaml", {"method": name, "fixed": {"loss.name": "dpo", **fixed}})
+    path = make_study(
+        tmp_path,
+        ["sane", "over"],
+        name="tiny",
+        base_overrides={
+            "train.max_steps": MAX_STEPS, "train.eval_every": 8, "train.eval_batches": 2, "train.log_every": 8,
+            "optimizer.scheduler": "constant", "optimizer.warmup_steps": 0, "checkpoint.export_model": False,
+            "checkpoint.every_steps": 0, "run.max_failures": 0,
+        },
+        stopping={"signal": "both", "ema": 0.3, "drop_fraction": 0.25, "patience": 2, "min_steps": 3,
+                  "divergence_factor": 4.0},
+    )  # fmt: skip
+    out = run_study(path)
+    study_dir = Path(out["study_dir"])
+    assert out["interrupted"] is False
+
+    trials = load_trials(study_dir).set_index("method")
+    sane, over = trials.loc["sane"], trials.loc["over"]
+    stops = CollapseStopper.load(study_dir / "stops.json")
+    # The over-optimising trial was stopped early, for a reason, at a step before the end.
+    assert over["trial_id"] in stops
+    stop = stops[over["trial_id"]]
+    assert stop.reason in ("topk_entropy_collapse", "topk_mass_collapse", "divergence", "nan_loss"), stop
+    assert stop.step < MAX_STEPS and over["steps"] < MAX_STEPS
+    # The sane one ran every step, unstopped, with a final held-out evaluation.
+    assert sane["trial_id"] not in stops and sane["steps"] == MAX_STEPS
+    assert not math.isnan(sane["eval/rewards/accuracies"])
+
+    # One reference pass for the study: one table, written before any trial began (a trial that
+    # recomputed it would have replaced the file after its own start).
+    tables = list((study_dir / REFERENCE_CACHE_DIR).glob("*/logps.safetensors"))
+    assert len(tables) == 1
+    first_trial_start = min((Path(d) / "params.json").stat().st_mtime for d in trials["trial_dir"])
+    assert tables[0].stat().st_mtime < first_trial_start
+
+    # MLflow: the parent run, one nested child per trial with its step metrics and stop tags.
+    manifest = json.loads((study_dir / STUDY_FILE).read_text())
+    client = MlflowClient(tracking_uri=manifest["tracking_uri"])
+    parent = client.get_run(manifest["parent_run_id"])
+    assert parent.data.params["study.methods"] == "sane,over"
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {sane["trial_name"], over["trial_name"]}
+    sane_run, over_run = by_name[sane["trial_name"]], by_name[over["trial_name"]]
+    for run, cell in ((sane_run, SANE), (over_run, OVER)):
+        assert {k: float(run.data.params[k]) for k in cell} == cell
+        assert run.data.tags["method"] == run.info.run_name.split("_")[0]
+    assert [m.step for m in client.get_metric_history(sane_run.info.run_id, "loss")] == list(range(1, MAX_STEPS + 1))
+    assert client.get_metric_history(over_run.info.run_id, "topk_entropy")
+    assert over_run.data.tags["stop_reason"] == stop.reason and over_run.data.tags["stop_step"] == str(stop.step)
+    assert "stop_reason" not in sane_run.data.tags and sane_run.info.status == "FINISHED"
+    assert parent.data.metrics["over/stopped"] == 1 and parent.data.metrics["sane/stopped"] == 0
+
+    # The report's numbers are the trials' own.
+    report = study_dir / "report"
+    summary = pd.read_csv(report / "summary.csv").set_index("method")
+    results = [json.loads(line) for line in (Path(sane["trial_dir"]) / "result.json").read_text().splitlines()]
+    last_score = [r["eval/rewards/accuracies"] for r in results if "eval/rewards/accuracies" in r][-1]
+    assert summary.loc["sane", "best"] == pytest.approx(last_score)
+    assert summary.loc["over", "stopped"] == 1 and summary.loc["sane", "stopped"] == 0
+    assert summary.loc["over", "steps_saved"] == MAX_STEPS - over["steps"]
+    assert str(over["trial_name"]) in (report / "report.md").read_text()
+    assert all((report / f).is_file() for f in ("trials.csv", "score_distribution.png", "signals.png"))
+
+    # Resuming a finished study re-runs nothing: the trials' results stay as they are.
+    before = {d: (Path(d) / "result.json").read_text() for d in trials["trial_dir"]}
+    again = run_study(path, resume=True)
+    assert again["parent_run_id"] == manifest["parent_run_id"]
+    assert {d: (Path(d) / "result.json").read_text() for d in trials["trial_dir"]} == before
