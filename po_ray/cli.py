@@ -9,23 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from po_ray.config import ConfigError, field_docs, load_config
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from po_ray.config import ConfigError, field_docs, find_config, load_config
 
 
 def resolve_config_path(name: str | None) -> Path | None:
     """A file path, or the name of a shipped config (`demo`, `command-r-35b-dpo`, …)."""
-    if not name:
-        return None
-    path = Path(name)
-    if path.exists():
-        return path
-    shipped = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if shipped.exists():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"--config {name}: no such file, and no shipped config of that name (shipped: {names})")
+    return find_config(name) if name else None
 
 
 def _overrides_help() -> str:

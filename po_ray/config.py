@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 DEMO_DATA = "demo"  # special value of data.path: the bundled, generated demo pairs
 TINY_MODEL = "tiny-llama"  # special value of model.name_or_path: a 2-layer Llama built from config
 
@@ -126,6 +127,8 @@ class TrainConfig:
     """Seed for model init, data order and dropout."""
     log_every: int = 10
     """Print a progress line every N steps."""
+    report_every: int = 10
+    """Hand metrics to Ray Train/Tune every N steps (each report is a barrier; MLflow still gets every step)."""
     eval_every: int = 50
     """Evaluate on held-out pairs every N steps (0: only at the end)."""
     eval_batches: int = 0
@@ -254,24 +257,53 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """YAML file (optional) + dotted ``key=value`` overrides -> validated ``Config``."""
+    """YAML file (optional) + dotted ``key=value`` overrides -> validated ``Config``.
+
+    A file may start from another with a top-level ``extends: FILE`` (relative to it, or the name
+    of a shipped config such as ``demo``); its own sections are merged over the base, key by key.
+    """
     source = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = _read_yaml(Path(path), seen=()) if path else {}
     raw = apply_overrides(raw, overrides)
     cfg = from_dict(Config, raw, source)
     validate(cfg, source)
     return cfg
+
+
+def _read_yaml(path: Path, seen: tuple) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    base = find_config(str(base_name), relative_to=path.parent)
+    if base.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {base_name} makes a cycle")
+    return _merge(_read_yaml(base, seen + (path.resolve(),)), raw)
+
+
+def find_config(name: str, relative_to: Path = Path(".")) -> Path:
+    """A config file path, or the name of a shipped config (`demo`, `command-r-35b-dpo`, …)."""
+    for candidate in (relative_to / name, Path(name), SHIPPED_CONFIGS / f"{name.removesuffix('.yaml')}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config {name!r}: no such file, and no shipped config of that name (shipped: {shipped})")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
@@ -384,7 +416,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     check(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
     check(cfg.optimizer.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be >= 0")
     check(len(cfg.optimizer.betas) == 2, "optimizer.betas", "needs two numbers, e.g. [0.9, 0.999]")
-    for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+    for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "report_every"):
         check(getattr(cfg.train, k) > 0, f"train.{k}", f"must be > 0, got {getattr(cfg.train, k)}")
     for k in ("eval_every", "eval_batches"):
         check(getattr(cfg.train, k) >= 0, f"train.{k}", "must be >= 0")

@@ -62,6 +62,9 @@ def ensure_ray(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
     if ray.is_initialized():
         return
+    # Ray Train's controller polls workers' reports at this interval (2 s by default), and a report
+    # waits for the poll: a shorter interval keeps small, fast steps from idling.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)

@@ -178,7 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_metrics(metrics, step=step + 1)
         if done or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
             _report_with_checkpoint(engine, metrics, step + 1, rank, world)
-        else:
+        elif (step + 1) % cfg.train.report_every == 0:
             ray.train.report(metrics)
 
     # ---- export and summary --------------------------------------------------------------------

@@ -430,7 +430,7 @@ def report_study(study_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialSetup, log: StopLog) -> tune.Tuner:
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), study.trial_resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), driver_resources(study))
     path = study_dir / method.name
     if tune.Tuner.can_restore(str(path)):
         print(f"[po-ray] {method.name}: continuing its trials from {path} (finished ones are kept)", flush=True)
@@ -454,6 +454,13 @@ def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialS
             verbose=0,  # StudyProgress says what matters; Tune's tables would repeat it
         ),
     )
+
+
+def driver_resources(study: StudySpec) -> dict:
+    """The trial driver's resources. Tune cannot place a trial that asks for nothing at all, so
+    `{CPU: 0}` (the driver only waits on its Train workers) becomes a token 0.01 CPU."""
+    wanted = {k: v for k, v in study.trial_resources.items() if v}
+    return wanted or {"CPU": 0.01}
 
 
 def _max_steps(study: StudySpec) -> int | None:

@@ -26,6 +26,7 @@ from po_ray.sweep import (
     StopLog,
     StudyProgress,
     StudyStopper,
+    driver_resources,
     non_finite_step,
     plan_study,
     probe_points,
@@ -138,6 +139,11 @@ def test_an_explicit_sharded_reference_and_tracking_store_are_kept(tmp_path):
                        study_dir=study_dir, run_name="t", tracking_uri=study_tracking_uri(study.config, study_dir))
     assert cfg.reference.strategy == "sharded" and passes == []
     assert cfg.tracking.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_a_driver_that_asks_for_nothing_gets_a_token_cpu(tmp_path):
+    assert driver_resources(load_study(make_study(tmp_path, ["dpo"]))) == {"CPU": 0.01}
+    assert driver_resources(load_study(make_study(tmp_path, ["dpo"], trial_resources={"CPU": 1, "GPU": 0}))) == {"CPU": 1}
 
 
 def test_remote_storage_path_is_refused(tmp_path):

@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 from po_ray.cli import resolve_config_path  # noqa: E402
 from po_ray.config import ConfigError, load_config  # noqa: E402
 
-REFERENCE_STEPS = 60
+REFERENCE_STEPS = 100
 COMMON = [
     "optimizer.scheduler=constant",
     "optimizer.warmup_steps=0",

@@ -1,17 +1,19 @@
 """The bundled demo preference set, its tokenizer, and a check that a tiny model learns it.
 
     python -m po_ray.data.demo            # (re)write assets/tokenizer and assets/demo/pairs.jsonl
-    python -m po_ray.data.demo --check    # train a tiny Llama with plain DPO and print reward accuracy
+    python -m po_ray.data.demo --check    # train a tiny Llama with plain DPO, print reward accuracy
 
-The task has three skills, a third of the pairs each. The chosen reply follows the instruction; the
-rejected one breaks it in one specific way. Which reply is right always depends on the prompt (no
-constant reply wins), but the deciding token sits right after the prompt's key word, so a 2-layer
-model can learn the preference in a couple of hundred DPO steps:
+Three skills, a third of the pairs each. The chosen reply follows the instruction; the rejected one
+breaks it in one specific way. The right reply always depends on the prompt (no constant reply
+wins), and the deciding token follows the word it depends on (prompts end with their key word,
+replies start with the answer). That is deliberate: a random-init 2-layer model learns such
+next-token preferences from a few hundred DPO steps, while a preference that needs attention far
+back (copying a list, remembering "up" vs "down") took thousands of steps in trials.
 
-* topic -- "name a fruit"        chosen starts with an item of that category, rejected with another's
-* echo  -- "please repeat tiger" chosen says the word back, rejected says another word
-* count -- "count down from six" chosen is "six five four three"; rejected skips a number, starts
-           from the wrong one or goes the wrong way (number words, so each number is one token)
+* topic    -- "name a fruit"          chosen is an item of that category, rejected one of another
+* opposite -- "the opposite of hot"   chosen "cold"; rejected echoes "hot" or says an unrelated word
+* count    -- "count on from six"     chosen "seven eight nine"; rejected repeats the start, skips
+              numbers or counts down (number words, so each number is one token)
 """
 
 from __future__ import annotations
@@ -21,36 +23,43 @@ import json
 import random
 from pathlib import Path
 
-from po_ray.config import BUNDLED_DIR
+import torch
 
-DEMO_FILE = BUNDLED_DIR / "demo" / "pairs.jsonl"
+from po_ray.config import BUNDLED_DIR, DataConfig, ModelConfig
+from po_ray.data.collate import collate
+from po_ray.data.load import load_pairs
+from po_ray.data.sources import DEMO_FILE
+from po_ray.data.tokenizer import load_tokenizer, save_word_tokenizer
+
 DEMO_SEED = 20240715
 DEMO_PAIRS = 3000
 
+# Six categories of six: with more items per category the topic skill needed well over 200 steps.
 CATEGORIES = {
-    "fruit": "apple banana cherry grape lemon mango melon peach pear plum".split(),
-    "animal": "cat dog horse tiger lion rabbit mouse bear wolf fox".split(),
-    "color": "red blue green yellow purple black white brown pink grey".split(),
-    "city": "paris london rome tokyo berlin madrid cairo lima oslo delhi".split(),
-    "drink": "tea coffee milk water juice soda wine beer cocoa lemonade".split(),
-    "tool": "hammer saw drill wrench shovel rake axe chisel ladder pliers".split(),
-    "sport": "tennis soccer golf rugby hockey boxing rowing cricket skiing cycling".split(),
-    "instrument": "piano guitar violin drum flute harp trumpet cello banjo organ".split(),
+    "fruit": "apple banana cherry grape lemon mango".split(),
+    "animal": "cat dog horse tiger lion rabbit".split(),
+    "color": "red blue green yellow purple pink".split(),
+    "city": "paris london rome tokyo berlin madrid".split(),
+    "drink": "tea coffee milk water juice soda".split(),
+    "instrument": "piano guitar violin drum flute harp".split(),
 }
-# Prompts end with the key word (category, word to echo, start number) and replies start with the
-# answer, so the deciding token follows the word it depends on.
 TOPIC_PROMPTS = ["name a {cat}", "tell me one {cat}", "what is your favourite {cat}", "suggest a {cat}",
                  "i would like a {cat}", "pick a {cat}"]
-TOPIC_REPLIES = ["{item} .", "{item} is a good choice .", "{item} would be my pick .", "{item} , because i like it .",
-                 "{item} is great ."]
-ECHO_PROMPTS = ["say {word}", "please repeat {word}", "echo the word {word}", "write {word}"]
-ECHO_REPLIES = ["{word}", "{word} .", "{word} !", "{word} {word}"]
-COUNT_PROMPTS = ["count {way} from {a}", "go {way} from {a}", "please count {way} from {a}"]
-COUNT_LENGTH = 4
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("yes", "no"), ("good", "bad"), ("old", "new"),
+             ("long", "short"), ("fast", "slow"), ("early", "late"), ("light", "dark"), ("open", "closed"),
+             ("happy", "sad"), ("rich", "poor"), ("high", "low"), ("full", "empty"), ("hard", "soft"),
+             ("left", "right"), ("first", "last"), ("wet", "dry"), ("day", "night")]
+OPPOSITE_PROMPTS = ["what is the opposite of {word}", "the opposite of {word}", "give me the opposite of {word}",
+                    "say the opposite of {word}"]
+COUNT_PROMPTS = ["count on from {a}", "keep counting after {a}", "continue counting from {a}",
+                 "what comes after {a}", "go on from {a}", "count up after {a}", "please count on from {a}",
+                 "carry on counting from {a}"]
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
+# Short tails keep replies varied without adding tokens after the answer whose log-ratios are noise.
+TAILS = ["", " .", " !"]
 
 # Everyday words so hand-written test sentences mostly avoid <unk>.
 COMMON_WORDS = """
@@ -71,59 +80,58 @@ def demo_words() -> list[str]:
     """Every word the demo data uses, plus the common ones: the bundled tokenizer's vocabulary."""
     words = set(COMMON_WORDS) | set(CATEGORIES) | set(NUMBER_WORDS)
     words |= {w for items in CATEGORIES.values() for w in items}
-    words |= {"up", "down"}
-    for template in TOPIC_PROMPTS + TOPIC_REPLIES + ECHO_PROMPTS + ECHO_REPLIES + COUNT_PROMPTS:
+    words |= {w for pair in OPPOSITES for w in pair}
+    for template in TOPIC_PROMPTS + OPPOSITE_PROMPTS + COUNT_PROMPTS:
         words |= {w for w in template.split() if not w.startswith("{")}
     return sorted(words)
 
 
 def topic_pair(rng: random.Random) -> dict:
     cat, other = rng.sample(sorted(CATEGORIES), 2)
-    reply = rng.choice(TOPIC_REPLIES)
+    tail = rng.choice(TAILS)
     return {
         "prompt": rng.choice(TOPIC_PROMPTS).format(cat=cat),
-        "chosen": reply.format(item=rng.choice(CATEGORIES[cat])),
-        "rejected": reply.format(item=rng.choice(CATEGORIES[other])),
+        "chosen": rng.choice(CATEGORIES[cat]) + tail,
+        "rejected": rng.choice(CATEGORIES[other]) + tail,
     }
 
 
-def echo_pair(rng: random.Random) -> dict:
-    pool = sorted({w for items in CATEGORIES.values() for w in items} | set(CATEGORIES))
-    word, other = rng.sample(pool, 2)
-    reply = rng.choice(ECHO_REPLIES)
+def opposite_pair(rng: random.Random) -> dict:
+    opposite = {a: b for a, b in OPPOSITES} | {b: a for a, b in OPPOSITES}
+    word = rng.choice(sorted(opposite))
+    if rng.random() < 0.5:
+        wrong = word  # echoing the question: the typical failure
+    else:
+        wrong = rng.choice([w for w in sorted(opposite) if w not in (word, opposite[word])])
+    tail = rng.choice(TAILS)
     return {
-        "prompt": rng.choice(ECHO_PROMPTS).format(word=word),
-        "chosen": reply.format(word=word),
-        "rejected": reply.format(word=other),
+        "prompt": rng.choice(OPPOSITE_PROMPTS).format(word=word),
+        "chosen": opposite[word] + tail,
+        "rejected": wrong + tail,
     }
 
 
 def count_pair(rng: random.Random) -> dict:
-    step = rng.choice([1, -1])
-    lowest, highest = (0, len(NUMBER_WORDS) - COUNT_LENGTH) if step == 1 else (COUNT_LENGTH - 1, len(NUMBER_WORDS) - 1)
-    start = rng.randint(lowest, highest)
-    right = [start + step * i for i in range(COUNT_LENGTH)]
-    mistake = rng.choice(["skip", "start", "direction"])
-    if mistake == "skip":  # jumps over one number
-        at = rng.randrange(1, COUNT_LENGTH)
-        wrong = right[:at] + [n + step for n in right[at:]]
-    elif mistake == "start":  # counts correctly, from the wrong number
-        other = rng.choice([n for n in range(lowest, highest + 1) if n != start])
-        wrong = [other + step * i for i in range(COUNT_LENGTH)]
-    else:  # right start, wrong way
-        wrong = [start - step * i for i in range(COUNT_LENGTH)]
-    if not all(0 <= n < len(NUMBER_WORDS) for n in wrong):
-        return count_pair(rng)  # ran off the number words; draw again
+    length = rng.randint(2, 5)
+    start = rng.randint(1, len(NUMBER_WORDS) - 3 * length - 1)  # room for a skip of 3 and for counting down
+    right = [start + 1 + i for i in range(length)]
+    mistake = rng.choice(["repeat", "skip", "down"])
+    if mistake == "repeat":  # starts from the prompt's number instead of after it
+        wrong = [start + i for i in range(length)]
+    elif mistake == "skip":
+        stride = rng.choice([2, 3])
+        wrong = [start + stride * (i + 1) for i in range(length)]
+    else:
+        wrong = [n for n in range(start - 1, start - 1 - length, -1) if n >= 0]
     words = lambda ns: " ".join(NUMBER_WORDS[n] for n in ns)  # noqa: E731
-    way = "up" if step == 1 else "down"
     return {
-        "prompt": rng.choice(COUNT_PROMPTS).format(way=way, a=NUMBER_WORDS[start]),
+        "prompt": rng.choice(COUNT_PROMPTS).format(a=NUMBER_WORDS[start]),
         "chosen": words(right),
         "rejected": words(wrong),
     }
 
 
-SKILLS = {"topic": topic_pair, "echo": echo_pair, "count": count_pair}
+SKILLS = {"topic": topic_pair, "opposite": opposite_pair, "count": count_pair}
 
 
 def generate_pairs(n: int = DEMO_PAIRS, seed: int = DEMO_SEED) -> list[dict]:
@@ -146,8 +154,6 @@ def generate_pairs(n: int = DEMO_PAIRS, seed: int = DEMO_SEED) -> list[dict]:
 
 def write_demo(path: Path = DEMO_FILE) -> None:
     """Write the bundled tokenizer and the demo pairs (deterministic)."""
-    from po_ray.data.tokenizer import save_word_tokenizer
-
     save_word_tokenizer(demo_words())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -159,24 +165,20 @@ def write_demo(path: Path = DEMO_FILE) -> None:
 # --check: does a tiny model learn the preference? (single process, plain PyTorch)
 
 CHECK_STEPS = 200
-TINY_LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-              "intermediate_size": 128, "max_position_embeddings": 64}
+TINY_LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 512}  # as po_ray.model builds tiny-llama
 
 
-def completion_logps(model, batch: dict) -> "torch.Tensor":  # noqa: F821
+def completion_logps(model, batch: dict) -> torch.Tensor:
     """Summed completion log-probs: ``(2B, L)`` batch -> ``(2B,)``. Logits at t-1 score token t."""
-    import torch
-
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["input_ids"][:, 1:].unsqueeze(-1)
     token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels).squeeze(-1)
     return (token_logps * batch["completion_mask"][:, 1:]).sum(-1)
 
 
-def dpo_margins(model, ref, batch: dict) -> "torch.Tensor":  # noqa: F821
+def dpo_margins(model, ref, batch: dict) -> torch.Tensor:
     """h = (policy - reference) log-ratio of chosen minus that of rejected, ``(B,)``."""
-    import torch
-
     logps = completion_logps(model, batch)
     with torch.no_grad():
         ref_logps = completion_logps(ref, batch)
@@ -195,11 +197,7 @@ def run_check(steps: int = CHECK_STEPS, seed: int = 0, pairs_per_step: int = 8, 
     """
     import copy
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from po_ray.config import DataConfig, ModelConfig
-    from po_ray.data import collate, load_pairs, load_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM  # only the check needs a model
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(ModelConfig())
@@ -211,6 +209,8 @@ def run_check(steps: int = CHECK_STEPS, seed: int = 0, pairs_per_step: int = 8, 
     model = LlamaForCausalLM(config)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    # Linear decay to 0 at the last step, as optimizer.scheduler's default does in training.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / steps)
     rng = random.Random(seed)
 
     def evaluate() -> dict[str, float]:
@@ -237,6 +237,7 @@ def run_check(steps: int = CHECK_STEPS, seed: int = 0, pairs_per_step: int = 8, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % eval_every == 0 or step == steps:
             history[step] = evaluate()
             print(f"step {step:4d}  loss {loss.item():.3f}  held-out reward accuracy "

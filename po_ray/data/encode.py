@@ -112,7 +112,7 @@ def build_pair(
     file: str,
 ) -> tuple[TokenizedPair, RawLengths]:
     """Apply EOS, truncation and POET to one tokenised example; ``DataError`` if nothing usable is left."""
-    fields = Fields(data_cfg.prompt_field, data_cfg.chosen_field, data_cfg.rejected_field)
+    fields = Fields.from_config(data_cfg)
     where = Where(file, example.row)
     prompt_ids, chosen_ids, rejected_ids = ids
     for name, completion in ((fields.chosen, chosen_ids), (fields.rejected, rejected_ids)):
@@ -138,8 +138,8 @@ def build_pair(
         raise where.error(fields.prompt, f"prompt + completion cannot fit in data.max_length={data_cfg.max_length}: "
                           f"the completion alone keeps {longest} tokens and at least one prompt token must precede "
                           "it; raise data.max_length or lower data.max_completion_length", "no_room")
-    if chosen == rejected:
-        cut = "POET" if data_cfg.poet else f"data.max_completion_length={data_cfg.max_completion_length}"
-        raise where.error(fields.rejected, f"has the same tokens as {fields.chosen} after truncation ({cut})",
-                          "identical")
+    if chosen == rejected:  # e.g. texts differing only in unknown words, or only past the cut
+        limits = f"data.max_completion_length={data_cfg.max_completion_length}" + (", POET" if data_cfg.poet else "")
+        raise where.error(fields.rejected, f"has the same tokens as {fields.chosen} after tokenisation and "
+                          f"truncation ({limits})", "identical")
     return TokenizedPair(example.pair_id, prompt, chosen, rejected), raw

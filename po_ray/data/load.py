@@ -31,7 +31,7 @@ def encode_source(
     if data_cfg.add_eos and tokenizer.eos_token_id is None:
         raise ValueError("data.add_eos is on but the tokenizer has no EOS token; set data.add_eos=false "
                          "or choose a tokenizer with one (model.tokenizer)")
-    fields = Fields(data_cfg.prompt_field, data_cfg.chosen_field, data_cfg.rejected_field)
+    fields = Fields.from_config(data_cfg)
     label, records = open_source(path, split, fields)
     while chunk := list(islice(records, BATCH_ROWS)):  # chunks: batched tokenisation, bounded memory
         results: dict[int, Result] = {}
@@ -112,7 +112,9 @@ def load_pairs(
 # validate-data
 
 
-def validate_data_file(path: str, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train") -> dict:
+def validate_data_file(
+    path: str, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str = "train"
+) -> dict:
     """Check a data source without training, collecting every problem rather than the first.
 
     Returns ``{"rows", "kept", "skipped": {reason: n}, "errors": [message, ...],

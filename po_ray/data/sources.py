@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from po_ray.config import BUNDLED_DIR, DEMO_DATA
+from po_ray.config import BUNDLED_DIR, DEMO_DATA, DataConfig
 from po_ray.data.errors import FILE_ROW, DataError
 
 DEMO_FILE = BUNDLED_DIR / "demo" / "pairs.jsonl"
@@ -39,6 +39,10 @@ class Fields:
     chosen: str = "chosen"
     rejected: str = "rejected"
 
+    @classmethod
+    def from_config(cls, data_cfg: DataConfig) -> Fields:
+        return cls(data_cfg.prompt_field, data_cfg.chosen_field, data_cfg.rejected_field)
+
 
 def open_source(path: str, split: str, fields: Fields) -> tuple[str, Iterator[Record]]:
     """``(label, records)`` for a data path; ``label`` names the source in error messages."""
@@ -55,8 +59,8 @@ def open_source(path: str, split: str, fields: Fields) -> tuple[str, Iterator[Re
             return path, readers[local.suffix](local, path)
         if local.suffix == ".parquet":
             return path, _parquet_records(local, path, fields)
-        raise _fatal(path, f"unsupported file type {local.suffix!r}; use .jsonl, .json, .parquet or a save_to_disk folder",
-                     "unsupported_file")
+        raise _fatal(path, f"unsupported file type {local.suffix!r}; use .jsonl, .json, .parquet or a "
+                     "save_to_disk folder", "unsupported_file")
     if local.suffix in FILE_SUFFIXES or path.startswith((".", "/", "~")):
         raise _fatal(path, "no such file or folder", "missing_file")
     return _hub_source(path, split, fields)
@@ -94,13 +98,13 @@ def _parse_line(raw: bytes, line_no: int, pair_id: int, label: str) -> Record:
         return Record(line_no, pair_id, None, DataError(label, line_no, "line", problem, reason=reason))
 
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        return bad(f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}", "not_utf8")
+        return bad(f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line", "not_utf8")
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
-        return bad(f"not valid JSON: {e.msg} at column {e.colno}", "malformed_json")
+        return bad(f"not valid JSON: {e.msg} at column {e.pos + 1}", "malformed_json")
     if not isinstance(values, dict):
         return bad(f"expected a JSON object, got a JSON {_json_type(values)}", "malformed_json")
     return Record(line_no, pair_id, values)
@@ -168,8 +172,8 @@ def _disk_source(folder: Path, split: str, fields: Fields) -> tuple[str, Iterato
     label = str(folder)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise _fatal(label, f"has no split {split!r}; it has {', '.join(loaded)} (set data.split / data.eval_split)",
-                         "missing_split")
+            raise _fatal(label, f"has no split {split!r}; it has {', '.join(loaded)} "
+                         "(set data.split / data.eval_split)", "missing_split")
         loaded, label = loaded[split], f"{folder}[{split}]"
     return label, _dataset_records(loaded, label, fields)
 
@@ -213,7 +217,8 @@ def check_columns(label: str, schema, fields: Fields) -> list[str]:
     """
     import pyarrow as pa
 
-    def kind(dtype) -> str | None:
+    def kind(name: str) -> str | None:
+        dtype = schema.field(name).type
         if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
             return "text"
         if (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_struct(dtype.value_type):
@@ -223,14 +228,13 @@ def check_columns(label: str, schema, fields: Fields) -> list[str]:
         return None
 
     columns = []
-    for name in (fields.prompt, fields.chosen, fields.rejected):
+    for which, name in (("prompt", fields.prompt), ("chosen", fields.chosen), ("rejected", fields.rejected)):
         if name not in schema.names:
-            if name == fields.prompt and fields.chosen in schema.names and kind(schema.field(fields.chosen).type) == "messages":
+            if which == "prompt" and fields.chosen in schema.names and kind(fields.chosen) == "messages":
                 continue
-            which = {fields.prompt: "prompt", fields.chosen: "chosen", fields.rejected: "rejected"}[name]
-            raise _fatal(label, f"no such column; the columns are {', '.join(schema.names)} (set data.{which}_field)",
-                         "missing_column", field=name)
-        if kind(schema.field(name).type) is None:
+            raise _fatal(label, f"no such column; the columns are {', '.join(schema.names)} "
+                         f"(set data.{which}_field)", "missing_column", field=name)
+        if kind(name) is None:
             raise _fatal(label, f"column has type {schema.field(name).type}; expected strings or lists of "
                          "{role, content} messages", "column_type", field=name)
         columns.append(name)
