@@ -61,6 +61,7 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.2"
 # A key under these sections changes what the reference pass computes (see reference_identity).
 _REFERENCE_SECTIONS = ("model.", "data.", "reference.")
+REPORT_EVERY_KEY = "train.report_every"
 _NON_FINITE = re.compile(r"non-finite loss at step (\d+)")
 
 
@@ -112,10 +113,21 @@ def for_study(cfg: Config, study_dir: Path, run_name: str, tracking_uri: str) ->
 def trial_config(study: StudySpec, method: MethodSpace, params: dict, *, study_dir: Path, run_name: str,
                  tracking_uri: str) -> Config:
     """The run config of one trial: base config, the method's fixed values, the point ``params``
-    (Tune's config, with or without its ``method`` field), then the study's shared places."""
+    (Tune's config, with or without its ``method`` field), then the study's shared places. Unless
+    the study or the method sets train.report_every, the trial reports every step to Tune."""
     point = {k: v for k, v in params.items() if k != "method"}
     cfg = load_config(study.base_config, trial_overrides(study, method, point))
+    if not _study_sets(study, method, REPORT_EVERY_KEY):
+        # The stopper judges a trial report by report: it must see every step's signals.
+        cfg = replace(cfg, train=replace(cfg.train, report_every=1))
     return for_study(cfg, study_dir, run_name, tracking_uri)
+
+
+def _study_sets(study: StudySpec, method: MethodSpace, key: str) -> bool:
+    """Whether the study file (base_overrides, command-line overrides) or the method sets ``key``."""
+    return key in method.fixed or key in method.space or any(
+        o.partition("=")[0].strip() == key for o in study.base_overrides
+    )
 
 
 def probe_points(method: MethodSpace, seeds: typing.Sequence[int]) -> list[dict]:
@@ -187,14 +199,19 @@ class StopLog:
 
 
 class StudyStopper(CollapseStopper):
-    """CollapseStopper that writes each decision to the study's StopLog as it is made."""
+    """CollapseStopper that writes each decision to the study's StopLog as it is made. A decision
+    on a trial's last step (``max_steps``, when the study has one budget) stops nothing: that
+    trial has finished, and is not counted as stopped early."""
 
-    def __init__(self, settings, log: StopLog):
+    def __init__(self, settings, log: StopLog, max_steps: int | None = None):
         super().__init__(settings)
-        self.log = log
+        self.log, self.max_steps = log, max_steps
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         stop = super().__call__(trial_id, result)
+        if stop and self.max_steps is not None and int(result.get("step", 0)) >= self.max_steps:
+            self.decisions.pop(trial_id)
+            return False
         if stop:
             self.log.record(trial_id, self.decisions[trial_id])
         return stop
@@ -241,7 +258,7 @@ class StudyProgress(tune.Callback):
         self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._say(trials, f"{trial} started")
+        self._say(trials, f"{trial} started", {trial.trial_id: "RUNNING"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -257,16 +274,18 @@ class StudyProgress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         stop = self.log.read().get(trial.trial_id)
         what = f"stopped early at step {stop.step} ({stop.reason}: {stop.detail})" if stop else "finished"
-        self._say(trials, f"{trial} {what}")
+        self._say(trials, f"{trial} {what}", {trial.trial_id: "TERMINATED"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(trials, f"{trial} failed; its error is in {trial.local_path}/error.txt")
+        self._say(trials, f"{trial} failed; its error is in {trial.local_path}/error.txt", {trial.trial_id: "ERROR"})
 
-    def _say(self, trials, event: str) -> None:
+    def _say(self, trials, event: str, now: dict[str, str] | None = None) -> None:
+        """``now``: statuses Tune sets only after calling back (the trial the event is about)."""
         stops = self.log.read()
-        status = [t.status for t in trials]
-        ended = [t for t in trials if t.status == "TERMINATED"]
-        stopped = sum(t.trial_id in stops for t in ended)
+        status = {t.trial_id: t.status for t in trials} | (now or {})
+        ended = [i for i, s in status.items() if s == "TERMINATED"]
+        stopped = sum(i in stops for i in ended)
+        status = list(status.values())
         counts = {"running": status.count("RUNNING"), "done": len(ended) - stopped, "stopped early": stopped,
                   "failed": status.count("ERROR")}
         counts["waiting"] = max(self.total - sum(counts.values()), 0)
@@ -449,7 +468,7 @@ def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialS
         run_config=tune.RunConfig(
             name=method.name,
             storage_path=str(study_dir),
-            stop=StudyStopper(study.stopping, log),
+            stop=StudyStopper(study.stopping, log, _max_steps(study)),
             callbacks=[StudyProgress(method.name, total, study.score.metric, study.score.mode, log)],
             verbose=0,  # StudyProgress says what matters; Tune's tables would repeat it
         ),

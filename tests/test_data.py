@@ -333,7 +333,8 @@ def test_json_parquet_and_save_to_disk_read_the_same_pairs(tmp_path, tok):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
                           "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
-    for name in ("p.json", "p.parquet", "disk"):
+    write_jsonl(tmp_path / "lines.json", rows)  # Dataset.to_json writes JSON Lines under .json
+    for name in ("p.json", "lines.json", "p.parquet", "disk"):
         assert load_one(str(tmp_path / name), tok) == expected, name
     assert load_one(str(tmp_path / "dict"), tok, split="test") == expected
     assert error_of(str(tmp_path / "dict"), tok, split="dev") == (

@@ -131,6 +131,16 @@ def test_trial_config_points_at_the_study_cache_store_and_trials_folder(tmp_path
     assert simpo.reference.strategy == "none"
 
 
+def test_trials_report_every_step_unless_the_study_says_otherwise(tmp_path):
+    point = {"loss.beta": 0.1, "optimizer.lr": 1.0e-6, "train.seed": 0}
+    for overrides, want in (({}, 1), ({"train.report_every": 5}, 5)):
+        study = load_study(make_study(tmp_path, ["dpo"], base_overrides={"train.max_steps": 20, **overrides}))
+        study_dir = study_folder(study)
+        cfg = trial_config(study, study.methods[0], point, study_dir=study_dir, run_name="t",
+                           tracking_uri=study_tracking_uri(study.config, study_dir))
+        assert cfg.train.report_every == want
+
+
 def test_an_explicit_sharded_reference_and_tracking_store_are_kept(tmp_path):
     path = make_study(tmp_path, ["dpo"], base_overrides={"reference.strategy": "sharded",
                                                           "tracking.tracking_uri": "http://127.0.0.1:5999"})
@@ -215,6 +225,16 @@ def test_study_stopper_writes_the_decision_when_it_stops(tmp_path):
     assert list(stops) == ["t2"] and (stops["t2"].reason, stops["t2"].step) == ("divergence", 2)
 
 
+def test_a_collapse_seen_on_the_last_step_is_not_an_early_stop(tmp_path):
+    study = load_study(make_study(tmp_path, ["dpo"], stopping={"divergence_factor": 3.0}))
+    stopper = StudyStopper(study.stopping, StopLog(tmp_path / "stops.json"), max_steps=20)
+    assert stopper("t", {"step": 10, "loss": 0.7}) is False
+    assert stopper("t", {"step": 20, "loss": 9.0}) is False  # finished, whatever the loss did
+    assert stopper("u", {"step": 10, "loss": 0.7}) is False
+    assert stopper("u", {"step": 19, "loss": 9.0}) is True
+    assert list(CollapseStopper.load(tmp_path / "stops.json")) == ["u"]
+
+
 def test_non_finite_step_is_found_anywhere_in_the_chain():
     try:
         try:
@@ -254,6 +274,21 @@ def test_progress_counts_running_done_stopped_and_tracks_the_best(tmp_path, caps
     assert len(out) == 6
     assert out[3].endswith("1 running, 1 done, 1 stopped early, 0 failed, 2 waiting | best eval/rewards/accuracies 0.75 (dpo_t1)")
     assert "dpo_t2 stopped early at step 9 (topk_mass_collapse: mass fell)" in out[4]
+
+
+def test_progress_counts_the_trial_an_event_is_about_in_its_new_state(tmp_path, capsys):
+    # Tune calls back before it updates the trial's status.
+    progress = StudyProgress("dpo", 2, "eval/rewards/accuracies", "max", StopLog(tmp_path / "stops.json"))
+    trials = [fake_trial("t1", "PENDING"), fake_trial("t2", "PENDING")]
+    progress.on_trial_start(0, trials, trials[0])
+    trials[0].status = "RUNNING"
+    progress.on_trial_complete(0, trials, trials[0])
+    trials[0].status = "TERMINATED"
+    progress.on_trial_error(0, trials, trials[1])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("1 running, 0 done, 0 stopped early, 0 failed, 1 waiting")
+    assert out[2].endswith("dpo_t1 finished") and out[3].endswith("0 running, 1 done, 0 stopped early, 0 failed, 1 waiting")
+    assert "/x/t2/error.txt" in out[4] and out[5].endswith("0 running, 1 done, 0 stopped early, 1 failed, 0 waiting")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ Result = tuple[TokenizedPair, RawLengths] | DataError
 
 def encode_source(
     path: str, split: str, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> Iterator[tuple[int, Result]]:
-    """``(pair_id, pair or the row's DataError)`` for every row of a source, in order.
+) -> Iterator[Result]:
+    """``(pair, raw lengths)`` or the row's ``DataError``, for every row of a source, in order.
 
     Row problems are yielded, so the caller decides to stop, skip or collect; problems with the
     file or set-up are raised (fatal ``DataError``).
@@ -52,7 +52,7 @@ def encode_source(
             except DataError as err:
                 results[example.pair_id] = err
         for record in chunk:
-            yield record.pair_id, results[record.pair_id]
+            yield results[record.pair_id]
 
 
 def read_pairs(
@@ -60,7 +60,7 @@ def read_pairs(
 ) -> tuple[list[TokenizedPair], SkipReport]:
     """All good pairs of one source. A bad row raises, or with ``on_bad_row=skip`` is counted."""
     pairs, report = [], SkipReport()
-    for _, result in encode_source(path, split, data_cfg, tokenizer):
+    for result in encode_source(path, split, data_cfg, tokenizer):
         report.rows += 1
         if isinstance(result, DataError):
             if data_cfg.on_bad_row != "skip":
@@ -128,7 +128,7 @@ def validate_data_file(
     lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
     truncated = {"prompt": 0, "chosen": 0, "rejected": 0}
     try:
-        for _, result in encode_source(path, split, data_cfg, tokenizer):
+        for result in encode_source(path, split, data_cfg, tokenizer):
             rows += 1
             if isinstance(result, DataError):
                 if data_cfg.on_bad_row == "skip":
