@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from po_ray.config import Config, ConfigError, to_dict
@@ -104,6 +104,8 @@ def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), 
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=list(callbacks),
+            # Train logs every report's full metrics at INFO; our progress line is the readable view.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

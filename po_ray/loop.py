@@ -8,12 +8,15 @@ ledger → report (+ checkpoint) → evaluate; then export the model and write t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -53,7 +56,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    say = partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    # sys.__stdout__: Ray Train's print patch would otherwise emit every line twice.
+    say = partial(print, flush=True, file=sys.__stdout__) if rank == 0 else (lambda *a, **k: None)
+    _quiet_worker_logs()
     use_gpu = cfg.scaling.use_gpu
     if use_gpu:
         torch.cuda.set_device(ctx.get_local_rank())
@@ -208,6 +213,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 # ---- helpers (detail only; the control flow is above) ---------------------------------------------
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the progress line readable: DeepSpeed's calls into deprecated torch collectives warn on every
+    step, and Ray Train logs each report's full metrics dict (from a logger named by its file path)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _collate_to(pairs, *, pad_token_id: int, device) -> dict:
