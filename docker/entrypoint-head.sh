@@ -4,7 +4,9 @@
 #
 #   RAY_AUTH_TOKEN            required: the cluster's shared secret (every node and client uses it)
 #   RAY_AUTH_MODE             token (default); Ray refuses unauthenticated GCS/dashboard calls
-#   RAY_NODE_IP               address this node advertises and binds to (default: this host's first IP)
+#   RAY_NODE_IP               address this node advertises (default: this host's first IP); Ray's gRPC
+#                             servers still listen on all interfaces, and it replaces 127.0.0.1 with
+#                             the host's address
 #   RAY_GCS_PORT              GCS port (default 6379)
 #   RAY_DASHBOARD_HOST        dashboard + job server bind address (default: RAY_NODE_IP, never 0.0.0.0)
 #   RAY_DASHBOARD_PORT        dashboard + job server port (default 8265)

@@ -5,10 +5,13 @@
 #   RAY_AUTH_TOKEN            required: the cluster's shared secret (the head's)
 #   RAY_AUTH_MODE             token (default)
 #   RAY_HEAD_ADDRESS          the head's GCS, host:port (default head:6379)
-#   RAY_NODE_IP               address this node advertises and binds to (default: this host's first IP)
+#   RAY_NODE_IP               address this node advertises (default: this host's first IP); Ray's gRPC
+#                             servers still listen on all interfaces, and it replaces 127.0.0.1 with
+#                             the host's address
 #   RAY_HEAD_WAIT_S           seconds to wait for the head's GCS to answer (default 120)
 #   RAY_NUM_CPUS, RAY_NUM_GPUS, RAY_RESOURCES (JSON), RAY_OBJECT_STORE_MEMORY (bytes),
-#   RAY_DASHBOARD_AGENT_LISTEN_PORT: optional; unset lets Ray decide
+#   RAY_TEMP_DIR, RAY_DASHBOARD_AGENT_LISTEN_PORT: optional; unset lets Ray decide (the temp dir:
+#                             the head's), set RAY_TEMP_DIR when several nodes share one host
 #   PO_RAY_STORAGE            shared folder for run.storage_path (default /mnt/shared); must be writable
 set -euo pipefail
 
@@ -43,6 +46,7 @@ args=(
 [ -n "${RAY_NUM_GPUS:-}" ] && args+=(--num-gpus="$RAY_NUM_GPUS")
 [ -n "${RAY_RESOURCES:-}" ] && args+=(--resources="$RAY_RESOURCES")
 [ -n "${RAY_OBJECT_STORE_MEMORY:-}" ] && args+=(--object-store-memory="$RAY_OBJECT_STORE_MEMORY")
+[ -n "${RAY_TEMP_DIR:-}" ] && args+=(--temp-dir="$RAY_TEMP_DIR")
 [ -n "${RAY_DASHBOARD_AGENT_LISTEN_PORT:-}" ] && args+=(--dashboard-agent-listen-port="$RAY_DASHBOARD_AGENT_LISTEN_PORT")
 
 echo "entrypoint-worker: ray start ${args[*]} (storage $storage)"

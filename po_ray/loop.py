@@ -182,7 +182,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if tracker:
             tracker.log_metrics(metrics, step=step + 1)
         if done or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
-            _report_with_checkpoint(engine, metrics, step + 1, rank, world)
+            state = {"pairs_consumed": sampler.position(step + 1), "config": to_dict(cfg)}
+            _report_with_checkpoint(engine, metrics, step + 1, rank, world, state)
         elif (step + 1) % cfg.train.report_every == 0:
             ray.train.report(metrics)
 
@@ -324,10 +325,10 @@ def _evaluate(engine, reference, eval_pairs, cfg: Config, collate_fn, rank, worl
     return {f"eval/{k}": v for k, v in _gather(sums, device).items()}
 
 
-def _report_with_checkpoint(engine, metrics: dict, step: int, rank: int, world: int) -> None:
+def _report_with_checkpoint(engine, metrics: dict, step: int, rank: int, world: int, state: dict) -> None:
     folder = Path(tempfile.mkdtemp(prefix=f"po_ray_ckpt_{step}_"))
     try:
-        save_checkpoint(engine, folder, step=step, rank=rank, world_size=world, state={})
+        save_checkpoint(engine, folder, step=step, rank=rank, world_size=world, state=state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -83,6 +83,12 @@ def test_two_workers_zero3_learn_track_and_export(reference_run):
     assert after["eval/loss"] < before["eval/loss"] - 0.1, (before["eval/loss"], after["eval/loss"])
     assert after["eval/logps/accuracies"] > before["eval/logps/accuracies"] + 0.2
 
+    # The last checkpoint records where the data stream stands and the config that made it.
+    state = json.loads(sorted(run_dir.glob("checkpoint_*/trainer_state.json"))[-1].read_text())
+    assert state["step"] == REFERENCE_STEPS and state["world_size"] == 2
+    assert state["pairs_consumed"] == REFERENCE_STEPS * 2 * cfg.train.micro_batch_size
+    assert state["config"]["loss"]["beta"] == cfg.loss.beta
+
     # MLflow holds the resolved config and every step's metrics.
     from mlflow.tracking import MlflowClient
 
