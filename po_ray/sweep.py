@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
@@ -329,7 +330,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         "parent_run_id": setup.parent_run_id,
         "tags": {"method": method.name, "po_ray.study": study.name, "po_ray.trial_id": context.get_trial_id()},
     }
-    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TrialReportCallback()])
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the loop's non-finite-loss stop
@@ -337,6 +338,24 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         if step is None:
             raise
         tune.report({"step": step, "loss": math.nan})
+
+
+class TrialReportCallback(TuneReportCallback):
+    """Passes each Train report to Tune; when Tune has ended the trial, ends the Train run too.
+
+    Tune stops a trial by ending its driver, but the Train controller that driver started lives
+    on (it is not fate-shared with it): it would restart its worker group again and again,
+    holding the CPUs/GPUs the next trial needs. This runs in the controller: the first report
+    after the stop finds Tune's report queue gone (it dies with the trial), and the controller
+    aborts the run as on Ctrl-C, which releases the workers and their placement group (killing
+    the controller instead would leave the placement group reserved).
+    """
+
+    def after_report(self, run_context, metrics, checkpoint):
+        try:
+            super().after_report(run_context, metrics, checkpoint)
+        except ray.exceptions.RayActorError:
+            ray.get_runtime_context().current_actor.abort.remote()
 
 
 def non_finite_step(error: BaseException) -> int | None:
