@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import ray
@@ -70,12 +71,26 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
         return
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    # When a Train controller dies abruptly (a Tune trial stopped early, a killed driver), Ray
+    # Train frees its workers' placement group only after seeing it dead through the State API,
+    # which the dashboard serves: keep the dashboard (loopback only) and tell every actor where
+    # it is, since other local clusters may share this machine.
+    port = _free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), name: str | None = None,

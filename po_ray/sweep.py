@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
@@ -63,7 +62,7 @@ HEALTH_CHECK_S = "0.2"
 # A key under these sections changes what the reference pass computes (see reference_identity).
 _REFERENCE_SECTIONS = ("model.", "data.", "reference.")
 REPORT_EVERY_KEY = "train.report_every"
-_NON_FINITE = re.compile(r"non-finite loss at step (\d+)")
+_NON_FINITE = re.compile(r"non-finite (?:loss|gradient) at step (\d+)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +318,10 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     A run that ends on a non-finite loss (the loop stops before the NaN reaches the weights) is
     reported to Tune as a NaN loss at that step, so the stopper records it as ``nan_loss``
     instead of the trial failing.
+
+    When Tune stops the trial, the Train controller goes with it (it runs in the trial's
+    placement group) and Ray Train's placement-group cleaner frees the workers; that cleaner
+    needs the State API, hence the dashboard `launch.ensure_ray` keeps.
     """
     context = tune.get_context()
     name, study = context.get_trial_name(), setup.study
@@ -330,7 +333,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         "parent_run_id": setup.parent_run_id,
         "tags": {"method": method.name, "po_ray.study": study.name, "po_ray.trial_id": context.get_trial_id()},
     }
-    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TrialReportCallback()])
+    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the loop's non-finite-loss stop
@@ -338,24 +341,6 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         if step is None:
             raise
         tune.report({"step": step, "loss": math.nan})
-
-
-class TrialReportCallback(TuneReportCallback):
-    """Passes each Train report to Tune; when Tune has ended the trial, ends the Train run too.
-
-    Tune stops a trial by ending its driver, but the Train controller that driver started lives
-    on (it is not fate-shared with it): it would restart its worker group again and again,
-    holding the CPUs/GPUs the next trial needs. This runs in the controller: the first report
-    after the stop finds Tune's report queue gone (it dies with the trial), and the controller
-    aborts the run as on Ctrl-C, which releases the workers and their placement group (killing
-    the controller instead would leave the placement group reserved).
-    """
-
-    def after_report(self, run_context, metrics, checkpoint):
-        try:
-            super().after_report(run_context, metrics, checkpoint)
-        except ray.exceptions.RayActorError:
-            ray.get_runtime_context().current_actor.abort.remote()
 
 
 def non_finite_step(error: BaseException) -> int | None:
@@ -433,7 +418,7 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
     for method in study.methods:
         grid = _tuner(study, method, study_dir, setup, log).fit()
         results += list(grid)
-        if len(grid) > grid.num_terminated + grid.num_errors:
+        if _unfinished(study_dir / method.name):
             print(f"[po-ray] study interrupted; continue it with: po-ray sweep --study {study_path} --resume",
                   flush=True)
             if parent:
@@ -444,7 +429,13 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
     # ---- stops into the trials' MLflow runs, the report into the parent's ---------------------
     if parent:
         _close_trial_runs(study_dir, results, log.read(), study.config.tracking.experiment_name, tracking_uri)
-    paths = _report(study_dir, manifest, parent)
+    try:
+        paths = _report(study_dir, manifest, parent)
+    except ReportError as e:  # e.g. every trial stopped before its first score
+        print(f"[po-ray] no report: {e}", flush=True)
+        paths = {}
+    if parent:
+        parent.end()
     print(_format_summary(study, study_dir, results, log.read(), paths, manifest), flush=True)
     return {"study_dir": str(study_dir), "report": {k: str(v) for k, v in paths.items()},
             "tracking_uri": manifest["tracking_uri"], "parent_run_id": manifest["parent_run_id"], "interrupted": False}
@@ -464,7 +455,11 @@ def report_study(study_dir: str | os.PathLike) -> dict[str, str]:
         parent = Tracker(manifest["tracking_uri"], manifest["experiment_name"], study_dir.name,
                          run_id=manifest["parent_run_id"], fallback_dir=study_dir)
         parent.start()
-    return {k: str(v) for k, v in _report(study_dir, manifest, parent).items()}
+    try:
+        return {k: str(v) for k, v in _report(study_dir, manifest, parent).items()}
+    finally:
+        if parent:
+            parent.end()
 
 
 def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialSetup, log: StopLog) -> tune.Tuner:
@@ -499,6 +494,12 @@ def driver_resources(study: StudySpec) -> dict:
     `{CPU: 0}` (the driver only waits on its Train workers) becomes a token 0.01 CPU."""
     wanted = {k: v for k, v in study.trial_resources.items() if v}
     return wanted or {"CPU": 0.01}
+
+
+def _unfinished(experiment_dir: Path) -> int:
+    """Trials of an experiment still running or waiting (after Ctrl-C). Read from the state Tune
+    saved: at the end of an interrupted fit it marks them terminated in memory, not on disk."""
+    return sum(t.status not in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(str(experiment_dir)).trials)
 
 
 def _max_steps(study: StudySpec) -> int | None:
@@ -567,20 +568,17 @@ def _report(study_dir: Path, manifest: dict, parent) -> dict[str, Path]:
         summary = pd.read_csv(paths["summary"])
         for row in summary.to_dict("records"):
             parent.log_metrics({f"{row['method']}/{k}": v for k, v in row.items() if k != "method"}, step=0)
-        parent.end()
     return paths
 
 
 def _format_summary(study, study_dir, results, stops, paths, manifest) -> str:
-    summary = pd.read_csv(paths["summary"])
     failed = sum(r.error is not None for r in results)
-    lines = [
-        "", f"=== po-ray: study {study.name} finished ===",
-        f"{len(results)} trials: {len(stops)} stopped early, {failed} failed",
-        summary.to_string(index=False),
-        f"{'report (Markdown, CSV, plots)':32s} {paths['report']}",
-        f"{'study folder':32s} {study_dir}",
-    ]  # fmt: skip
+    lines = ["", f"=== po-ray: study {study.name} finished ===",
+             f"{len(results)} trials: {len(stops)} stopped early, {failed} failed"]
+    if paths:
+        lines += [pd.read_csv(paths["summary"]).to_string(index=False),
+                  f"{'report (Markdown, CSV, plots)':32s} {paths['report']}"]
+    lines.append(f"{'study folder':32s} {study_dir}")
     if manifest["parent_run_id"]:
         lines.append(f"{'MLflow parent run':32s} {manifest['parent_run_id']} in {manifest['tracking_uri']}")
     return "\n".join(lines)

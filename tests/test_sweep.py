@@ -340,3 +340,95 @@ def test_report_study_rewrites_the_report_from_the_folder(tmp_path):
 SANE = {"optimizer.lr": 1.0e-3, "loss.beta": 0.1}
 OVER = {"optimizer.lr": 0.08, "loss.beta": 0.01}  # large learning rate, small β
 MAX_STEPS = 24
+
+
+@pytest.fixture
+def ray_shutdown():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_sweep_stops_the_over_optimising_cell_and_tracks_and_reports_the_study(tmp_path, ray_shutdown, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Two one-cell methods (a grid over lr × β would also run the two mixed cells), both DPO on
+    # the same data and seed: one reference table serves both. The stopped one runs first, so
+    # the sane one can only start if the stopped trial's workers were freed.
+    for name, fixed in (("sane", SANE), ("over", OVER)):
+        write(tmp_path / f"{name}.yaml", {"method": name, "fixed": {"loss.name": "dpo", **fixed}})
+    path = make_study(
+        tmp_path,
+        ["over", "sane"],
+        name="tiny",
+        base_overrides={
+            "train.max_steps": MAX_STEPS, "train.eval_every": 8, "train.eval_batches": 2, "train.log_every": 8,
+            "optimizer.scheduler": "constant", "optimizer.warmup_steps": 0, "checkpoint.export_model": False,
+            "checkpoint.every_steps": 0, "run.max_failures": 0,
+        },
+        stopping={"signal": "both", "ema": 0.3, "drop_fraction": 0.25, "patience": 2, "min_steps": 3,
+                  "divergence_factor": 4.0},
+    )  # fmt: skip
+    out = run_study(path)
+    study_dir = Path(out["study_dir"])
+    assert out["interrupted"] is False
+
+    trials = load_trials(study_dir).set_index("method")
+    sane, over = trials.loc["sane"], trials.loc["over"]
+    stops = CollapseStopper.load(study_dir / "stops.json")
+    # The over-optimising trial was stopped early, for a reason, at a step before the end.
+    assert over["trial_id"] in stops
+    stop = stops[over["trial_id"]]
+    assert stop.reason in ("topk_entropy_collapse", "topk_mass_collapse", "divergence", "nan_loss"), stop
+    assert stop.step < MAX_STEPS and over["steps"] < MAX_STEPS
+    # The sane one ran every step, unstopped, with a final held-out evaluation.
+    assert sane["trial_id"] not in stops and sane["steps"] == MAX_STEPS
+    assert not math.isnan(sane["eval/rewards/accuracies"])
+
+    # One reference pass for the study: one table, written before any trial began (a trial that
+    # recomputed it would have replaced the file after its own start).
+    tables = list((study_dir / REFERENCE_CACHE_DIR).glob("*/logps.safetensors"))
+    assert len(tables) == 1
+    first_trial_start = min((Path(d) / "params.json").stat().st_mtime for d in trials["trial_dir"])
+    assert tables[0].stat().st_mtime < first_trial_start
+
+    # MLflow: the parent run, one nested child per trial with its step metrics and stop tags.
+    manifest = json.loads((study_dir / STUDY_FILE).read_text())
+    client = MlflowClient(tracking_uri=manifest["tracking_uri"])
+    parent = client.get_run(manifest["parent_run_id"])
+    assert parent.data.params["study.methods"] == "over,sane"
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {sane["trial_name"], over["trial_name"]}
+    sane_run, over_run = by_name[sane["trial_name"]], by_name[over["trial_name"]]
+    for run, cell in ((sane_run, SANE), (over_run, OVER)):
+        assert {k: float(run.data.params[k]) for k in cell} == cell
+        assert run.data.tags["method"] == run.info.run_name.split("_")[0]
+    assert [m.step for m in client.get_metric_history(sane_run.info.run_id, "loss")] == list(range(1, MAX_STEPS + 1))
+    assert client.get_metric_history(over_run.info.run_id, "topk_entropy")
+    assert over_run.data.tags["stop_reason"] == stop.reason and over_run.data.tags["stop_step"] == str(stop.step)
+    assert over_run.info.status == "KILLED"
+    assert "stop_reason" not in sane_run.data.tags and sane_run.info.status == "FINISHED"
+    assert parent.data.metrics["over/stopped"] == 1 and parent.data.metrics["sane/stopped"] == 0
+
+    # The report's numbers are the trials' own.
+    report = study_dir / "report"
+    summary = pd.read_csv(report / "summary.csv").set_index("method")
+    results = [json.loads(line) for line in (Path(sane["trial_dir"]) / "result.json").read_text().splitlines()]
+    last_score = [r["eval/rewards/accuracies"] for r in results if "eval/rewards/accuracies" in r][-1]
+    assert summary.loc["sane", "best"] == pytest.approx(last_score)
+    assert summary.loc["over", "stopped"] == 1 and summary.loc["sane", "stopped"] == 0
+    assert summary.loc["over", "steps_saved"] == MAX_STEPS - over["steps"]
+    assert str(over["trial_name"]) in (report / "report.md").read_text()
+    assert all((report / f).is_file() for f in ("trials.csv", "score_distribution.png", "signals.png"))
+
+    # Resuming a finished study re-runs nothing: the trials' results stay as they are.
+    before = {d: (Path(d) / "result.json").read_text() for d in trials["trial_dir"]}
+    again = run_study(path, resume=True)
+    assert again["parent_run_id"] == manifest["parent_run_id"]
+    assert {d: (Path(d) / "result.json").read_text() for d in trials["trial_dir"]} == before
