@@ -49,6 +49,23 @@ def format_train_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_eval(args) -> int:
+    from po_ray.eval.launch import evaluate_model
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    result = evaluate_model(cfg, args.model, out_dir=args.out)
+    print(format_eval_result(result))
+    return 0
+
+
+def format_eval_result(r: dict) -> str:
+    lines = ["", f"=== po-ray: {r['model']} against the reference {r['reference']} ==="]
+    lines += [f"{k:32s} {v:.4f}" for k, v in r["metrics"].items()]
+    lines.append(f"{'samples (' + str(r['num_samples']) + ')':32s} {r['samples_path']}")
+    lines.append(f"{'metrics':32s} {Path(r['samples_path']).parent / 'eval.json'}")
+    return "\n".join(lines)
+
+
 def cmd_validate_data(args) -> int:
     from po_ray.data import format_summary, load_tokenizer, validate_data_file
 
@@ -114,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help=_overrides_help())
     t.set_defaults(func=cmd_train)
 
+    e = sub.add_parser("eval", help="sample from an exported model and score it against the reference "
+                                    "(length, KL, entropy, distinct-n, judge); writes eval.json")
+    e.add_argument("--model", required=True, help="Hugging Face model folder, e.g. <run folder>/model")
+    e.add_argument("--config", default="demo", help="YAML file or shipped config name: data, reference, eval.* settings")
+    e.add_argument("--out", default=None, help="output folder (default: <run.storage_path>/<run.name>/eval)")
+    e.add_argument("overrides", nargs="*", help=_overrides_help())
+    e.set_defaults(func=cmd_eval)
+
     v = sub.add_parser("validate-data", help="check a preference file without training; exit 1 on errors")
     v.add_argument("path", help=".jsonl/.json/.parquet file, save_to_disk folder, hub name, or demo")
     v.add_argument("--config", default=None, help="config whose data/model settings apply (default: built-in defaults)")
@@ -156,10 +181,30 @@ def main(argv: list[str] | None = None) -> int:
         # Data errors name file:row: field; loss-option errors name the key.
         print(f"po-ray: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ not in ("WorkerGroupError", "ControllerError"):  # Ray Train's; not imported here
+            raise
+        # Ray Train's message is every worker's full traceback; lead with what went wrong.
+        print(f"po-ray: the Ray Train run failed: {_root_causes(e)}\n(full worker tracebacks above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("po-ray: interrupted; `po-ray train --resume` (same run.name) continues from the last checkpoint",
               file=sys.stderr)
         return 130
+
+
+def _root_causes(error: BaseException) -> str:
+    """One line per distinct root exception of the failed workers (or of the controller)."""
+    failures = getattr(error, "worker_failures", None) or {None: getattr(error, "controller_failure", error)}
+    lines: dict[str, list] = {}
+    for rank, exc in sorted(failures.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        text = str(exc).strip().splitlines()
+        # A task error's text is its traceback; the last line is "ExcType: message".
+        lines.setdefault(text[-1] if text else type(exc).__name__, []).append(rank)
+    return "; ".join(f"{msg} (rank {', '.join(map(str, ranks))})" if ranks != [None] else msg
+                     for msg, ranks in lines.items())
 
 
 if __name__ == "__main__":

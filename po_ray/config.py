@@ -133,6 +133,8 @@ class TrainConfig:
     """Evaluate on held-out pairs every N steps (0: only at the end)."""
     eval_batches: int = 0
     """Micro-batches per worker per evaluation; 0 means the whole held-out split."""
+    max_skipped_steps: int = 5
+    """Steps skipped (no update) for a NaN/inf loss or gradient before the run stops with an error naming the step and pairs; 0 stops at the first."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,8 @@ class RunConfig:
     """Output root (local folder, or s3:// gs:// URI / NFS path on clusters); relative is under the cwd."""
     max_failures: int = 2
     """Times Ray Train restarts the worker group from the last checkpoint after a failure."""
+    node_wait_s: float = 600.0
+    """Seconds a run waits for the resources its workers need (at start, or after a node is lost) before failing."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,38 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class GenerationEvalConfig:
+    enabled: bool = False
+    """Sample responses to held-out prompts during training and score them (length, KL, entropy, judge)."""
+    every_steps: int = 0
+    """Generation eval every N training steps (0: only at the end); always at the end when enabled."""
+    num_prompts: int = 16
+    """Held-out prompts used: the first distinct prompts of the eval split."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (by the policy, and by the reference for the win rate)."""
+    batch_size: int = 8
+    """Prompts per generate call per worker (also the judge's batch)."""
+    max_new_tokens: int = 64
+    """Generated tokens at most per response (EOS included)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 is greedy. KL is an unbiased Monte-Carlo estimate only at 1 with top_p 1."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability (1: off)."""
+    seed: int = 0
+    """Sampling seed; the same at every eval and for policy and reference, so their samples are comparable."""
+    judge: str = ""
+    """Registered judge scoring each response: empty (none), reward_model, or a name from `plugins`."""
+    judge_model: str = ""
+    """Folder (or hub name) of the Hugging Face sequence-classification reward model for judge=reward_model."""
+    judge_trust_remote_code: bool = False
+    """Allow the reward model's repository to run its own Python code."""
+    distinct_n: int = 2
+    """Largest n of the distinct-n metrics (distinct_1 … distinct_n); repetition rate uses this n."""
+    plugins: tuple = ()
+    """Python modules imported on every worker before the judge is built, so their @register_judge run."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +286,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +455,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     check(len(cfg.optimizer.betas) == 2, "optimizer.betas", "needs two numbers, e.g. [0.9, 0.999]")
     for k in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "report_every"):
         check(getattr(cfg.train, k) > 0, f"train.{k}", f"must be > 0, got {getattr(cfg.train, k)}")
-    for k in ("eval_every", "eval_batches"):
+    for k in ("eval_every", "eval_batches", "max_skipped_steps"):
         check(getattr(cfg.train, k) >= 0, f"train.{k}", "must be >= 0")
     check(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
     check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
@@ -427,7 +464,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     check(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     check(cfg.run.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1 for unlimited)")
+    check(cfg.run.node_wait_s > 0, "run.node_wait_s", f"must be > 0 seconds, got {cfg.run.node_wait_s}")
     check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+    ev = cfg.eval
+    for k in ("num_prompts", "samples_per_prompt", "batch_size", "max_new_tokens", "distinct_n"):
+        check(getattr(ev, k) >= 1, f"eval.{k}", f"must be >= 1, got {getattr(ev, k)}")
+    check(ev.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    check(ev.temperature >= 0, "eval.temperature", f"must be >= 0 (0 is greedy), got {ev.temperature}")
+    check(0 < ev.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {ev.top_p}")
+    check(ev.judge != "reward_model" or bool(ev.judge_model), "eval.judge_model",
+          "judge=reward_model needs the reward model's folder in eval.judge_model")
+    check(not ev.enabled or bool(cfg.data.eval_path) or cfg.data.eval_fraction > 0, "eval.enabled",
+          "generation eval samples held-out prompts, but there are none: set data.eval_path or data.eval_fraction > 0")
     es = cfg.early_stopping
     check(0 <= es.ema < 1, "early_stopping.ema", f"must be in [0, 1), got {es.ema}")
     check(0 < es.drop_fraction < 1, "early_stopping.drop_fraction", f"must be in (0, 1), got {es.drop_fraction}")

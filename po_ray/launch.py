@@ -9,19 +9,27 @@ import socket
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from po_ray.config import Config, ConfigError, to_dict
 from po_ray.loop import train_loop_per_worker
 from po_ray.losses import build_loss
 from po_ray.losses.registry import import_loss_plugins
+from po_ray.model import check_model_sources
 from po_ray.reference import resolve_strategy
 from po_ray.tracking import resolve_tracking_uri
 
 # Environment the Train controller and workers must see as the driver does.
 FORWARDED_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "MLFLOW_TRACKING_URI", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE")
 MIN_FREE_BYTES = 200 * 2**20
+# How long Ray Train's controller waits for its workers' placement group before one start attempt fails.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class NodeWaitTimeout(TimeoutError):
+    """The cluster lacked the workers' resources for longer than run.node_wait_s (a node lost, none back)."""
 
 
 def storage_root(cfg: Config) -> Path:
@@ -94,7 +102,9 @@ def _free_port() -> int:
 
 
 def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), name: str | None = None,
-                  storage_path: str | None = None) -> TorchTrainer:
+                  storage_path: str | None = None, bounded_node_wait: bool = False) -> TorchTrainer:
+    """``bounded_node_wait``: a worker group start that times out ends the run (see ``fit_waiting_for_nodes``);
+    otherwise Ray Train retries it for ever, which Tune trials queueing for each other's resources need."""
     run_dir = Path(storage_path or storage_root(cfg)) / (name or cfg.run.name)
     loop_config = {
         "config": to_dict(cfg),
@@ -116,7 +126,9 @@ def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), 
         run_config=RunConfig(
             name=name or cfg.run.name,
             storage_path=str(storage_path or storage_root(cfg)),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures, **({"controller_failure_limit": 0} if bounded_node_wait else {})
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=list(callbacks),
             # Train logs every report's full metrics at INFO; our progress line is the readable view.
@@ -130,6 +142,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     import_loss_plugins(cfg)
     build_loss(cfg.loss)  # loss name/option errors before anything starts
     resolve_strategy(cfg)
+    check_model_sources(cfg)
     run_dir = run_dir_for(cfg)
     check_storage(run_dir)
     summary_path = run_dir / "summary.json"
@@ -142,5 +155,60 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     elif resume:
         raise ConfigError(f"--resume: no checkpoint of run {cfg.run.name!r} under {run_dir.parent}; nothing to resume")
     ensure_ray(cfg)
-    build_trainer(cfg).fit()
+    fit_waiting_for_nodes(cfg, build_trainer(cfg, bounded_node_wait=True))
     return json.loads(summary_path.read_text())
+
+
+def fit_waiting_for_nodes(cfg: Config, trainer: TorchTrainer):
+    """Fit; if the workers' resources are missing (a node lost, none joined) for run.node_wait_s, fail saying so.
+
+    After a worker dies, Ray Train's controller starts a new worker group from the last checkpoint,
+    and that start waits for a placement group for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by
+    default). A timed-out start is a retryable controller error, retried up to
+    FailureConfig.controller_failure_limit times, unlimited by default: with a node gone for good the
+    run waits for ever, logging nothing above INFO. So the timeout is set to node_wait_s and the limit
+    (given by build_trainer(bounded_node_wait=True)) to 0: the first wait that runs out ends the run,
+    decided inside the controller, which owns the placement group and removes it. A driver-side
+    watchdog would have to infer the controller's state from outside and kill it mid-step. The
+    controller reads the variable from the driver's environment when fit() creates it (Ray Train
+    propagates it), hence set around fit only. The limit also covers a worker group whose node dies
+    while it starts (WorkerGroupStartupFailedError); that too now ends the run rather than retrying.
+    """
+    previous = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(cfg.run.node_wait_s)
+    try:
+        return trainer.fit()
+    except ControllerError as e:
+        if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        per_worker = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+        if cfg.scaling.use_gpu:
+            per_worker["GPU"] = per_worker.get("GPU", 1)
+        # The cause stays off the inner error: the CLI prints the innermost cause of a ControllerError.
+        raise ControllerError(NodeWaitTimeout(node_wait_message(
+            cfg.run.name, cfg.scaling.num_workers, per_worker, ray.cluster_resources(), cfg.run.node_wait_s
+        ))) from e
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = previous
+
+
+def node_wait_message(run: str, num_workers: int, per_worker: dict, cluster: dict, wait_s: float) -> str:
+    """Name what is missing: the workers' total need against what the live nodes have now."""
+    need = {k: v * num_workers for k, v in per_worker.items()}
+    have = {k: cluster.get(k, 0) for k in need}
+    short = {k: need[k] - have[k] for k in need if have[k] < need[k]}
+    missing = (f"missing {_resources(short)}" if short else
+               "enough in total, but no node has room for a whole worker")
+    return (
+        f"run {run!r}: the cluster could not hold the {num_workers} workers ({num_workers} × {_resources(per_worker)}) "
+        f"for run.node_wait_s={wait_s:g} s; a node was lost (or never joined) and none came back with those resources. "
+        f"Live nodes have {_resources(have)}: {missing}. Add a node with them, or raise run.node_wait_s; "
+        f"`po-ray train --resume` (same run.name) continues from the last checkpoint."
+    )
+
+
+def _resources(r: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in r.items()) + "}"

@@ -29,6 +29,7 @@ from po_ray.checkpoint import export_hf_model, load_checkpoint, save_checkpoint
 from po_ray.config import Config, from_dict, to_dict
 from po_ray.data import collate, load_pairs, load_tokenizer
 from po_ray.engine import build_engine, run, split_pairs
+from po_ray.eval.in_training import evaluate_generation, is_due
 from po_ray.losses import PairLogps, build_loss
 from po_ray.losses.registry import import_loss_plugins
 from po_ray.metrics import finalize, pack, step_metrics
@@ -45,6 +46,7 @@ from po_ray.reference import (
 )
 from po_ray.sampler import PairSampler, shard_evenly
 
+RESUMES_FILE = "resumes.jsonl"
 # Peak dense bf16 FLOP/s per device for the MFU estimate; unknown devices (and CPUs) get no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -130,11 +132,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             start_step = load_checkpoint(engine, Path(folder), rank=rank, world_size=world)["step"]
         say(f"[po-ray] resumed from checkpoint at step {start_step}; next pair position {sampler.position(start_step)}")
+        if rank == 0:  # the run's restart history, for the summary and for anyone auditing it
+            with (run_dir / RESUMES_FILE).open("a") as f:
+                f.write(json.dumps({"step": start_step, "time": time.time()}) + "\n")
     ledger = Ledger(run_dir / "ledger", rank, keep_through_step=start_step)
     tracker = _tracker(cfg, run_dir, loop_config) if rank == 0 else None
     if tracker and start_step == 0:
         tracker.log_params(to_dict(cfg))
     evaluate_now = partial(_evaluate, engine, reference, eval_pairs, cfg, collate_fn, rank, world, loss_fn, device)
+    generate_now = partial(evaluate_generation, engine, reference, cfg=cfg, tokenizer=tokenizer, eval_pairs=eval_pairs,
+                           engine_args=engine_args, rank=rank, world=world, device=device, run_dir=run_dir, tracker=tracker)
 
     if start_step == 0 and eval_pairs:
         before = evaluate_now()
@@ -147,9 +154,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine.train()
     started, tokens_since, last_log = time.time(), 0.0, time.time()
     metrics: dict = {}
+    skipped_steps = int(engine.skipped_steps)  # restored with the checkpoint
     for step in range(start_step, cfg.train.max_steps):
         step_sums: dict = {}
         step_pair_ids: list[int] = []
+        non_finite_pairs: list[int] = []
         for micro in range(cfg.train.gradient_accumulation_steps):
             pairs = [train_pairs[i] for i in sampler.indices(step, micro)]
             batch = collate_fn(pairs)
@@ -157,19 +166,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ref = reference.logps(batch, "train") if reference else (None, None)  # reference log-probs
             logps = _pair_logps(policy, ref, device)
             out = loss_fn(logps)  # loss
-            _stop_if_not_finite(out.losses, batch["pair_ids"], step + 1)
+            non_finite_pairs += batch["pair_ids"][~torch.isfinite(out.losses.detach()).cpu()].tolist()
             engine.backward(out.losses.mean())  # backward (DeepSpeed scales by accumulation steps)
-            engine.step()  # optimiser step at the accumulation boundary
+            engine.step()  # optimiser step at the accumulation boundary; skipped on NaN/inf gradients
             _accumulate(step_sums, _metrics(out, policy, logps))
             step_pair_ids += batch["pair_ids"].tolist()
             tokens_since += float(batch["attention_mask"].sum())
-        metrics = _gather(step_sums, device)  # exact token/pair-weighted means over all ranks
-        ledger.write(step + 1, step_pair_ids, metrics["loss"])
+        if engine.skipped_steps > skipped_steps or _any_rank(bool(non_finite_pairs), device):
+            # A NaN/inf loss or gradient: DeepSpeed dropped this step's gradients, the weights are
+            # untouched. Count it; past the limit, stop with the step and the pairs to look at.
+            skipped_steps = _check_skipped(engine, skipped_steps, non_finite_pairs, step + 1, cfg.train.max_skipped_steps)
+            say(f"[po-ray] WARNING: step {step + 1} skipped (non-finite loss or gradient; "
+                f"{skipped_steps}/{cfg.train.max_skipped_steps} allowed)")
+            metrics = {}
+            ledger.write(step + 1, step_pair_ids, None, skipped=True)
+        else:
+            metrics = _gather(step_sums, device)  # exact token/pair-weighted means over all ranks
+            ledger.write(step + 1, step_pair_ids, metrics["loss"])
 
         now = time.time()
         tokens_per_s = _gather_scalar(tokens_since, device) / max(now - last_log, 1e-9)
         metrics.update(_throughput(tokens_per_s, n_params, world, use_gpu, reference is not None and strategy == "sharded"))
-        metrics.update(step=step + 1, epoch=sampler.epoch_of(step + 1), lr=engine.get_lr()[0])
+        metrics.update(step=step + 1, epoch=sampler.epoch_of(step + 1), lr=engine.get_lr()[0], skipped_steps=skipped_steps)
         tokens_since, last_log = 0.0, now
 
         done = step + 1 == cfg.train.max_steps
@@ -177,6 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if eval_pairs:
                 metrics.update(evaluate_now())
                 engine.train()
+        if is_due(cfg, step + 1):  # samples from the policy: length, KL to the reference, entropy, judge
+            metrics.update(generate_now(step=step + 1))
         if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or done or step == start_step):
             say(_progress_line(metrics, step + 1, cfg.train.max_steps, started, start_step))
         if tracker:
@@ -200,6 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "model_dir": str(model_dir) if model_dir.exists() else None,
             "run_dir": str(run_dir),
             "reference_strategy": strategy,
+            "resumed_from_steps": [json.loads(ln)["step"] for ln in _read_lines(run_dir / RESUMES_FILE)],
             "param_fraction_per_rank": param_fractions,
             "tracking_uri": tracker.tracking_uri if tracker else None,
             "mlflow_run_id": tracker.run_id if tracker else None,
@@ -280,17 +301,32 @@ def _gather_scalar(x: float, device) -> float:
     return float(t.item())
 
 
-def _stop_if_not_finite(losses: torch.Tensor, pair_ids: torch.Tensor, step: int) -> None:
-    """All ranks agree; a NaN/inf loss stops the run before it can reach the weights or a checkpoint."""
-    bad = (~torch.isfinite(losses.detach())).float().sum().reshape(1)
-    flag = bad.clone()
-    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-    if flag.item() > 0:
-        mine = pair_ids[~torch.isfinite(losses.detach()).cpu()].tolist() if bad.item() else []
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _check_skipped(engine, skipped_before: int, non_finite_pairs: list[int], step: int, limit: int) -> int:
+    """The new count of skipped steps after a step with a NaN/inf loss or gradient (collective).
+
+    Raises when DeepSpeed applied the update anyway (ZeRO stage 0 has no gradient check), or when the
+    count passes ``limit``: either way before the weights can reach a checkpoint.
+    """
+    pairs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(pairs, non_finite_pairs)
+    pairs = sorted(p for rank_pairs in pairs for p in rank_pairs)
+    # sweep.py reads "non-finite {loss|gradient} at step N" to record the trial's stop.
+    where = f"non-finite loss at step {step} (pairs {pairs})" if pairs else f"non-finite gradient at step {step}"
+    if engine.skipped_steps == skipped_before:
+        raise FloatingPointError(f"{where}, and DeepSpeed applied the update (it checks gradients from ZeRO "
+                                 "stage 1 on); stopping before it reaches a checkpoint.")
+    if engine.skipped_steps > limit:
         raise FloatingPointError(
-            f"non-finite loss at step {step} (pairs on this rank: {mine}); no update was applied. "
-            "Lower optimizer.lr, raise loss.beta, or check those pairs."
+            f"{where}: {engine.skipped_steps} steps skipped, more than train.max_skipped_steps={limit}; "
+            "no update was applied. Lower optimizer.lr, raise loss.beta, or check those pairs."
         )
+    return int(engine.skipped_steps)
 
 
 def _throughput(tokens_per_s: float, n_params: int, world: int, use_gpu: bool, live_reference: bool) -> dict:
@@ -348,9 +384,10 @@ class Ledger:
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_through_step]
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
-    def write(self, step: int, pair_ids: list[int], loss: float) -> None:
+    def write(self, step: int, pair_ids: list[int], loss: float | None, skipped: bool = False) -> None:
+        row = {"step": step, "pair_ids": pair_ids, "loss": loss} | ({"skipped": True} if skipped else {})
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "pair_ids": pair_ids, "loss": loss}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 def _tracker(cfg: Config, run_dir: Path, loop_config: dict):
@@ -417,3 +454,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []

@@ -372,6 +372,13 @@ class Tracker:
         self._submit({"op": "text", "text": str(text), "artifact_file": artifact_file})
 
     @_never_raises
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """Log columns of equal length as an MLflow table (a .json artifact shown as a table in the UI);
+        logging to the same file again appends the rows."""
+        plain = json.loads(json.dumps(data, default=str))
+        self._submit({"op": "table", "data": plain, "artifact_file": artifact_file})
+
+    @_never_raises
     def log_dict(self, d: dict, artifact_file: str) -> None:
         """Log a dict as a .json or .yaml artifact (secrets redacted, non-JSON values as str)."""
         plain = json.loads(json.dumps(redact(d), default=str))
@@ -538,6 +545,8 @@ class Tracker:
             client.log_text(run_id, record["text"], record["artifact_file"])
         elif op == "dict":
             client.log_dict(run_id, record["dict"], record["artifact_file"])
+        elif op == "table":
+            client.log_table(run_id, record["data"], record["artifact_file"])
         elif op == "end":
             client.set_terminated(run_id, status=record["status"])
         else:

@@ -30,6 +30,41 @@ def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
     assert "reference-free" in capsys.readouterr().err
 
 
+def test_missing_models_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["train", "--config", "demo", f"run.storage_path={tmp_path}"]
+    assert main([*base, f"model.name_or_path={tmp_path}/no-such-model"]) == 2
+    assert "model.name_or_path: " in (err := capsys.readouterr().err) and "not an existing folder" in err
+    (tmp_path / "empty").mkdir()
+    assert main([*base, f"reference.name_or_path={tmp_path}/empty"]) == 2
+    assert "reference.name_or_path: " in (err := capsys.readouterr().err) and "has no config.json" in err
+    assert main([*base, "model.name_or_path=no-such-org/no-such-model"]) == 2
+    assert "model.name_or_path: 'no-such-org/no-such-model' is not a local folder and the hub cannot serve it" in (
+        capsys.readouterr().err)
+    assert main([*base, "model.tokenizer=./no/such/tokenizer"]) == 2
+    assert "model.tokenizer: './no/such/tokenizer' is not an existing folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/ledger"))  # nothing ran
+
+
+def test_a_failed_run_is_summed_up_by_its_root_causes():
+    from po_ray.cli import _root_causes
+
+    class WorkerGroupError(Exception):  # the shape of Ray Train's, without starting Ray
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors: <tracebacks>")
+            self.worker_failures = failures
+
+    def task_error(msg):
+        try:
+            raise RuntimeError("Traceback (most recent call last):\n  File ...\n" + msg) from FloatingPointError(msg)
+        except RuntimeError as e:
+            return e
+
+    nan = "non-finite loss at step 4 (pairs [1, 2])"
+    error = WorkerGroupError({1: task_error(nan), 0: task_error(nan), 2: ValueError("data.jsonl:3: chosen: empty")})
+    assert _root_causes(error) == f"{nan} (rank 0, 1); data.jsonl:3: chosen: empty (rank 2)"
+
+
 def test_resume_without_a_run_is_an_error(tmp_path, capsys):
     assert main(["train", "--config", "demo", "--resume", f"run.storage_path={tmp_path}"]) == 2
     assert "nothing to resume" in capsys.readouterr().err

@@ -1,8 +1,6 @@
 """Sweeps: trial configs checked up front, one reference pass per (reference, data, seed), stop
-records, progress, the study folder's guards.
-
-The end-to-end study test (a sane cell next to an over-optimising one the stopper must stop) was
-not verified before this commit and is not in the suite yet; see the robustness-study issue.
+records, progress, the study folder's guards; then two real studies on 2 CPU workers: a sane cell
+next to an over-optimising one the stopper must stop, and a study whose driver is killed and resumed.
 """
 
 from __future__ import annotations
@@ -432,3 +430,62 @@ def test_sweep_stops_the_over_optimising_cell_and_tracks_and_reports_the_study(t
     again = run_study(path, resume=True)
     assert again["parent_run_id"] == manifest["parent_run_id"]
     assert {d: (Path(d) / "result.json").read_text() for d in trials["trial_dir"]} == before
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(tmp_path, ray_shutdown):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    for name, lr in (("first", 1.0e-3), ("second", 2.0e-3)):
+        write(tmp_path / f"{name}.yaml", {"method": name, "fixed": {"loss.name": "dpo", "optimizer.lr": lr}})
+    path = make_study(
+        tmp_path, ["first", "second"], name="killed",
+        base_overrides={"train.max_steps": MAX_STEPS, "train.eval_every": 0, "train.eval_batches": 2,
+                        "optimizer.scheduler": "constant", "optimizer.warmup_steps": 0,
+                        "checkpoint.export_model": False, "checkpoint.every_steps": 8},
+        stopping={"signal": "topk_entropy", "drop_fraction": 0.9, "patience": 50, "min_steps": 50},
+    )  # fmt: skip
+    study_dir = tmp_path / "runs" / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "po_ray.cli", "sweep", "--study", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tree: set = set()
+    try:
+        # Kill the driver (and the local Ray cluster it started) once the first method is done and the
+        # second trial is past its first checkpoint.
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            tree |= {p.pid for p in psutil.Process(driver.pid).children(recursive=True)}
+            ledgers = list((study_dir / "trials").glob("second_*/ledger/rank0.jsonl"))
+            if ledgers and len(ledgers[0].read_text().splitlines()) >= 10:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the study ended before it could be killed"
+        assert ledgers, "the second trial never got past step 10"
+    finally:
+        for pid in [driver.pid, *tree]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        driver.wait()
+    first_dir = next((study_dir / "first").glob("first_*"))
+    first_results = (first_dir / "result.json").read_text()
+
+    out = run_study(path, resume=True)
+    assert out["interrupted"] is False
+    trials = load_trials(study_dir).set_index("method")
+    assert list(trials["steps"]) == [MAX_STEPS, MAX_STEPS]
+    assert (first_dir / "result.json").read_text() == first_results, "the finished trial ran again"
+    # The interrupted trial continued from its checkpoint: every step once, no pair twice.
+    rows = [json.loads(line) for line in ledgers[0].read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+    pairs = [i for r in rows for i in r["pair_ids"]]
+    assert len(pairs) == len(set(pairs))
+    assert (study_dir / "report" / "summary.csv").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,13 +34,25 @@ COMMON = [
 ]
 
 
+PLUGINS = Path(__file__).parent / "plugins"  # loss plugins the fault tests load with loss.plugins
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     from po_ray.launch import ensure_ray
 
+    # The driver and the workers (started now, inheriting this environment) import the plugins.
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), old_path]))
+    sys.path.insert(0, str(PLUGINS))
     ensure_ray(load_config(resolve_config_path("demo")))
     yield
     ray.shutdown()
+    sys.path.remove(str(PLUGINS))
+    if old_path is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old_path
 
 
 def demo_config(tmp: Path, name: str, *extra: str):
@@ -187,3 +200,68 @@ def test_precomputed_reference_equals_sharded(ray_session, tmp_path):
             assert second[rank][step]["loss"] == pytest.approx(sharded[rank][step]["loss"], abs=1e-5)
     # Computed once by the first precomputed run, reused (not rewritten) by the second.
     assert table_mtimes[0] == [] and len(table_mtimes[1]) == 1 and table_mtimes[2] == table_mtimes[1]
+
+
+def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    from po_ray.launch import train
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=train(cfg)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+FAULTY = ["loss.name=dpo_faulty", "loss.plugins=[po_ray_test_losses]", "run.max_failures=0", "train.max_steps=12"]
+
+
+def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(reference_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from po_ray.launch import train
+
+    _, _, reference_dir = reference_run
+    want = ledger(reference_dir)
+    # One micro-batch per step, so a worker's n-th training call is step n: a NaN loss at step 3,
+    # a finite loss with NaN gradients at step 5.
+    summary = train(demo_config(tmp_path, "skips", *FAULTY, "loss.options.nan_loss_call=3",
+                                "loss.options.nan_grad_call=5", "train.max_skipped_steps=2"))
+    got = ledger(Path(summary["run_dir"]))
+    for rank in (0, 1):
+        assert {s for s, row in got[rank].items() if row.get("skipped")} == {3, 5}
+        assert [got[rank][s]["pair_ids"] for s in range(1, 13)] == [want[rank][s]["pair_ids"] for s in range(1, 13)]
+        assert [got[rank][s]["loss"] for s in (1, 2)] == pytest.approx([want[rank][s]["loss"] for s in (1, 2)], abs=1e-4)
+    assert summary["final"]["skipped_steps"] == 2 and summary["final"]["loss"] > 0
+    # Neither step reached the weights: NaN gradients applied once would have made them NaN.
+    weights = load_file(Path(summary["model_dir"]) / "model.safetensors")
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+    # Past the limit the run stops, naming the step and its pairs (all ranks'), before any checkpoint.
+    with pytest.raises(Exception) as failure:
+        train(demo_config(tmp_path, "too-many", *FAULTY, "loss.options.nan_grad_call=2",
+                          "loss.options.nan_loss_call=4", "train.max_skipped_steps=1"))
+    pairs = sorted(want[0][4]["pair_ids"] + want[1][4]["pair_ids"])
+    assert f"non-finite loss at step 4 (pairs {pairs})" in str(failure.value)
+    assert "more than train.max_skipped_steps=1" in str(failure.value)
+    assert not list((tmp_path / "too-many").glob("checkpoint_*"))
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(reference_run, tmp_path):
+    _, _, reference_dir = reference_run
+    flag = tmp_path / "rank1-blocked-in-checkpoint"
+    cfg = demo_config(tmp_path, "ckpt-kill", "train.max_steps=30", "loss.name=dpo_slow_checkpoint",
+                      "loss.plugins=[po_ray_test_losses]", "loss.options.block_checkpoint_step=20",
+                      f"loss.options.block_flag={flag}")
+    thread, result = run_in_thread(cfg)
+    deadline = time.time() + 600
+    while time.time() < deadline and not flag.exists():
+        time.sleep(0.2)
+    assert flag.exists(), "rank 1 never reached the checkpoint of step 20"
+    victim = int((tmp_path / "ckpt-kill" / "pids" / "rank1").read_text())
+    os.kill(victim, signal.SIGKILL)
+    half_written = Path(flag.read_text())
+    assert (half_written / "deepspeed").is_dir() and not (half_written / "COMPLETE.rank1").exists()
+    thread.join(timeout=900)
+    assert "summary" in result, "training did not finish after the kill"
+    # The half-written step-20 checkpoint never counted: the run went back to step 10's.
+    assert result["summary"]["resumed_from_steps"] == [10]
+    assert_same_steps(tmp_path / "ckpt-kill", reference_dir, 30)

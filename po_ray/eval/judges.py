@@ -1,0 +1,129 @@
+"""The judge registry: a name -> ``judge(prompts, responses) -> list[float]``, one score per response.
+
+A judge scores text (prompt and response decoded without special tokens); higher is better. Adding
+one is one decorated function in a module listed in ``eval.plugins``::
+
+    @register_judge("short_is_good")
+    def short_is_good(prompts, responses):
+        return [-float(len(r)) for r in responses]
+
+A judge may also take keyword-only settings, filled from the config by name: ``model_path``
+(eval.judge_model), ``trust_remote_code`` (eval.judge_trust_remote_code), ``batch_size``
+(eval.batch_size) and ``device`` (the worker's torch device). The built-in ``reward_model`` judge
+uses all four.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
+
+import torch
+
+Judge = Callable[[list[str], list[str]], list[float]]
+SETTINGS = ("model_path", "trust_remote_code", "batch_size", "device")
+
+_REGISTRY: dict[str, Callable[..., list[float]]] = {}
+
+
+def register_judge(name: str) -> Callable:
+    """Decorator registering ``fn(prompts, responses, *, <settings>) -> list[float]`` under ``name``."""
+
+    def decorator(fn: Callable) -> Callable:
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SETTINGS]
+        if len(positional) != 2 or unknown:
+            raise TypeError(
+                f"register_judge({name!r}): {fn.__qualname__} must look like fn(prompts, responses, *, setting=...), "
+                f"with settings among {', '.join(SETTINGS)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            )
+        existing = _REGISTRY.get(name)
+        # A re-import registers the same function again; another function under a taken name is a mistake.
+        if existing is not None and (existing.__module__, existing.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"register_judge: {name!r} is already registered by {existing.__module__}; pick another name")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_judges() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def import_judge_plugins(eval_cfg) -> None:
+    """Import the modules named in ``eval.plugins`` so their ``@register_judge`` calls run."""
+    for module in eval_cfg.plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"eval.plugins: cannot import {module!r}: {e}; is it installed on every node?") from None
+
+
+def build_judge(eval_cfg, device: torch.device | str = "cpu") -> Judge | None:
+    """The judge named by ``eval.judge`` with its settings bound (None when eval.judge is empty)."""
+    if not eval_cfg.judge:
+        return None
+    import_judge_plugins(eval_cfg)
+    try:
+        fn = _REGISTRY[eval_cfg.judge]
+    except KeyError:
+        raise ValueError(
+            f"eval.judge: unknown judge {eval_cfg.judge!r}; registered: {', '.join(available_judges())} "
+            "(a judge from your own module is registered when eval.plugins imports it)"
+        ) from None
+    values = {"model_path": eval_cfg.judge_model, "trust_remote_code": eval_cfg.judge_trust_remote_code,
+              "batch_size": eval_cfg.batch_size, "device": torch.device(device)}
+    wanted = inspect.signature(fn).parameters
+    return partial(fn, **{k: v for k, v in values.items() if k in wanted})
+
+
+def run_judge(judge: Judge, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """Call ``judge`` once on all responses and check it gave one finite-or-not float per response."""
+    scores = judge(list(prompts), list(responses))
+    if len(scores) != len(responses):
+        raise ValueError(f"eval.judge returned {len(scores)} scores for {len(responses)} responses; it must give one each")
+    return [float(s) for s in scores]
+
+
+@register_judge("reward_model")
+def reward_model(prompts, responses, *, model_path: str, trust_remote_code: bool = False, batch_size: int = 8,
+                 device: torch.device = torch.device("cpu")) -> list[float]:
+    """A Hugging Face sequence-classification reward model (one label) scoring each (prompt, response)
+    as a text pair, in batches; its score is the label's logit."""
+    model, tokenizer = _load_reward_model(model_path, trust_remote_code, str(device))
+    scores: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(responses), batch_size):
+            enc = tokenizer(list(prompts[i : i + batch_size]), list(responses[i : i + batch_size]),
+                            padding=True, truncation=True, return_tensors="pt").to(device)
+            scores += model(**enc).logits[:, 0].float().tolist()
+    return scores
+
+
+@lru_cache(maxsize=2)
+def _load_reward_model(path: str, trust_remote_code: bool, device: str):
+    """Loaded once per worker process and kept: every eval of a run reuses it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from po_ray.model.build import _zero3_off
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # A whole copy on each worker: while the policy's ZeRO-3 config is alive, transformers would
+    # otherwise partition this model too, and a partitioned model needs every rank in each forward.
+    with _zero3_off():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True,
+            # fp32 on CPU; on GPU the checkpoint's own dtype.
+            dtype=torch.float32 if device == "cpu" else "auto",
+        )
+    if model.config.num_labels != 1:
+        raise ValueError(f"eval.judge_model: {path} has {model.config.num_labels} labels; a reward model has exactly 1")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # it reads the score at the last non-pad token
+    return model.to(device).eval(), tokenizer
