@@ -227,6 +227,8 @@ class TrackingConfig:
 class EarlyStoppingConfig:
     signal: Literal["topk_entropy", "topk_mass", "both"] = "topk_entropy"
     """Which collapse signal stops a trial (both: either one)."""
+    source: Literal["train", "generation"] = "train"
+    """Where the signal is measured: train (teacher-forced, every step) or generation (gen/topk_*, sampled responses at each eval.every_steps; needs eval.enabled)."""
     ema: float = 0.5
     """EMA smoothing weight of the previous value (0 is no smoothing)."""
     drop_fraction: float = 0.2
@@ -481,6 +483,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     check(0 < es.drop_fraction < 1, "early_stopping.drop_fraction", f"must be in (0, 1), got {es.drop_fraction}")
     check(es.patience >= 1, "early_stopping.patience", "must be >= 1")
     check(es.min_steps >= 0, "early_stopping.min_steps", "must be >= 0")
+    check(es.source == "train" or cfg.eval.enabled, "early_stopping.source",
+          "generation needs eval.enabled=true (and eval.every_steps for signals before the end)")
     check(es.divergence_factor > 1, "early_stopping.divergence_factor", "must be > 1")
 
 

@@ -138,7 +138,8 @@ class CollapseStopper(Stopper):
     """Ray Tune stopper: one CollapseDetector per trial, fed each reported result.
 
     Reads ``result["step"]`` (else ``result["training_iteration"]``), ``loss``, ``topk_entropy``
-    and ``topk_mass``; any of the last three may be absent from a report. Never stops the whole
+    and ``topk_mass`` (``gen/topk_*`` with ``source: generation``); any of the last three may be
+    absent from a report. Never stops the whole
     experiment. ``decisions`` maps trial_id -> StopDecision for every trial it stopped.
     """
 
@@ -150,11 +151,12 @@ class CollapseStopper(Stopper):
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         detector = self._detectors.setdefault(trial_id, CollapseDetector(self.settings))
         step = result.get("step", result.get("training_iteration"))
+        prefix = "gen/" if self.settings.source == "generation" else ""
         decision = detector.update(
             int(step) if step is not None else 0,
             loss=result.get("loss"),
-            topk_entropy=result.get("topk_entropy"),
-            topk_mass=result.get("topk_mass"),
+            topk_entropy=result.get(prefix + "topk_entropy"),
+            topk_mass=result.get(prefix + "topk_mass"),
         )
         if decision is None:
             return False

@@ -144,6 +144,31 @@ def test_stopper_keeps_one_detector_per_trial_and_saves_decisions(tmp_path):
     assert CollapseStopper.load(path) == stopper.decisions
 
 
+def test_generation_source_watches_the_sampled_responses_signals():
+    stopper = CollapseStopper(settings(source="generation"))
+    # The training-batch signal collapses but is not watched; generation evals come every 2 steps
+    # (reports in between carry no gen/ values and leave the state alone).
+    stopped_at = None
+    for step in range(1, 21):
+        result = {"step": step, "loss": 0.7, "topk_entropy": 2.0 if step < 4 else 0.5}
+        if step % 2 == 0:
+            result["gen/topk_entropy"] = 2.0 if step <= 6 else 1.0
+        if stopper("t", result) and stopped_at is None:
+            stopped_at = step
+    # gen reports at 8, 10, 12: s = 1.5, 1.25, 1.125; line 1.6 -> three below-reports end at step 12.
+    assert stopped_at == 12 and stopper.decisions["t"].reason == "topk_entropy_collapse"
+
+
+def test_generation_source_needs_generation_eval():
+    from po_ray.cli import resolve_config_path
+    from po_ray.config import ConfigError, load_config
+
+    demo = resolve_config_path("demo")
+    with pytest.raises(ConfigError, match="early_stopping.source: generation needs eval.enabled=true"):
+        load_config(demo, ["early_stopping.source=generation"])
+    assert load_config(demo, ["early_stopping.source=generation", "eval.enabled=true"]).early_stopping.source == "generation"
+
+
 def test_saved_decisions_are_what_the_report_reads(tmp_path):
     from po_ray.report import load_trials
 

@@ -109,14 +109,14 @@ def _load_reward_model(path: str, trust_remote_code: bool, device: str):
     """Loaded once per worker process and kept: every eval of a run reuses it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from po_ray.model.build import _zero3_off
+    from po_ray.model.build import zero3_off
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # A whole copy on each worker: while the policy's ZeRO-3 config is alive, transformers would
     # otherwise partition this model too, and a partitioned model needs every rank in each forward.
-    with _zero3_off():
+    with zero3_off():
         model = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
             # fp32 on CPU; on GPU the checkpoint's own dtype.

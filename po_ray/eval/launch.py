@@ -20,7 +20,7 @@ from po_ray.engine import build_engine
 from po_ray.eval.generation import generation_eval, held_out_prompts, sample_records
 from po_ray.eval.judges import build_judge
 from po_ray.launch import check_storage, ensure_ray, run_dir_for
-from po_ray.model import build_deepspeed_config, resolve_dtype
+from po_ray.model import build_deepspeed_config, check_model_sources, resolve_dtype
 from po_ray.reference import reference_model_config
 
 
@@ -69,6 +69,7 @@ def evaluate_model(cfg: Config, model_path: str, out_dir: str | None = None) -> 
         raise ConfigError(f"--model: {model} is not a Hugging Face model folder (no config.json); "
                           "give the run's exported model/ folder")
     build_judge(cfg.eval)  # an unknown judge name fails here, before any worker starts
+    check_model_sources(cfg)  # the reference and tokenizer too
     out = Path(out_dir).expanduser().resolve() if out_dir else run_dir_for(cfg) / "eval"
     check_storage(out)
     ensure_ray(cfg)

@@ -61,7 +61,7 @@ def build_model(
 
         _share_process_group_with_deepspeed()
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-    with nullcontext() if zero3 else _zero3_off():
+    with nullcontext() if zero3 else zero3_off():
         if model_cfg.name_or_path == TINY_MODEL:
             model = _tiny_llama(model_cfg, vocab_size, pad_token_id, bos_token_id, eos_token_id, dtype, seed)
         else:
@@ -179,7 +179,7 @@ def _share_process_group_with_deepspeed() -> None:
 
 
 @contextmanager
-def _zero3_off():
+def zero3_off():
     """Build without ZeRO-3 even while another model's HfDeepSpeedConfig is alive in this process.
 
     transformers keeps one global (weak) reference to the live HfDeepSpeedConfig and would
