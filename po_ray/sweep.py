@@ -235,11 +235,14 @@ class RecordingASHA(AsyncHyperBandScheduler):
 
 
 def _asha(study: StudySpec, log: StopLog) -> RecordingASHA:
-    train = study.config.train
-    if not train.eval_every and study.score.metric.startswith("eval/"):
-        raise StudyError(f"{study.path}: stopping.asha needs scores during training, but train.eval_every is 0 "
-                         f"(only a final {study.score.metric}); set base_overrides train.eval_every")
-    grace = min(train.eval_every or 1, train.max_steps)
+    train, metric = study.config.train, study.score.metric
+    # Scores that exist only at evaluations: held-out pairs (train.eval_every), generations (eval.every_steps).
+    every, key = ((train.eval_every, "train.eval_every") if metric.startswith("eval/") else
+                  (study.config.eval.every_steps, "eval.every_steps") if metric.startswith("gen/") else (1, ""))
+    if not every:
+        raise StudyError(f"{study.path}: stopping.asha needs scores during training, but {key} is 0 "
+                         f"(only a final {metric}); set base_overrides {key}")
+    grace = min(every, train.max_steps)
     return RecordingASHA(log, time_attr="step", metric=study.score.metric, mode=study.score.mode,
                          max_t=train.max_steps, grace_period=grace, reduction_factor=3)
 

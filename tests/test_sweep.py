@@ -202,6 +202,27 @@ def test_the_shipped_demo_study_plans_one_pass(tmp_path, monkeypatch):
 # Why trials stopped
 
 
+@pytest.mark.parametrize("metric, overrides, error", [
+    ("eval/rewards/accuracies", {"train.eval_every": 0}, "train.eval_every is 0"),
+    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 0}, "eval.every_steps is 0"),
+    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5}, None),
+    ("rewards/accuracies", {"train.eval_every": 0}, None),
+])
+def test_asha_needs_the_score_during_training(tmp_path, metric, overrides, error):
+    from po_ray.sweep import _asha
+
+    write(tmp_path / "m.yaml", {"method": "m", "fixed": {"loss.name": "dpo"}})
+    path = make_study(tmp_path, ["m"], base_overrides={"train.max_steps": 20, **overrides},
+                      score={"metric": metric, "mode": "max", "epsilon": 0.05}, stopping={"asha": True})
+    study = load_study(path)
+    if error:
+        with pytest.raises(StudyError, match=error):
+            _asha(study, StopLog(tmp_path / "stops.json"))
+    else:
+        first_rung = min(t for t, _ in _asha(study, StopLog(tmp_path / "stops.json"))._brackets[0]._rungs)
+        assert first_rung == overrides.get("eval.every_steps", 1)  # no cut before the first score exists
+
+
 def test_stop_log_merges_and_never_overwrites_a_stop(tmp_path):
     log = StopLog(tmp_path / "stops.json")
     assert log.read() == {}
