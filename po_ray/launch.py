@@ -166,7 +166,7 @@ def fit_waiting_for_nodes(cfg: Config, trainer: TorchTrainer):
     and that start waits for a placement group for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by
     default). A timed-out start is a retryable controller error, retried up to
     FailureConfig.controller_failure_limit times, unlimited by default: with a node gone for good the
-    run waits for ever, logging nothing above INFO. So the timeout is set to node_wait_s and the limit
+    run never ends, only the controller's log shows a timeout each minute. So the timeout is set to node_wait_s and the limit
     (given by build_trainer(bounded_node_wait=True)) to 0: the first wait that runs out ends the run,
     decided inside the controller, which owns the placement group and removes it. A driver-side
     watchdog would have to infer the controller's state from outside and kill it mid-step. The
@@ -201,7 +201,7 @@ def node_wait_message(run: str, num_workers: int, per_worker: dict, cluster: dic
     have = {k: cluster.get(k, 0) for k in need}
     short = {k: need[k] - have[k] for k in need if have[k] < need[k]}
     missing = (f"missing {_resources(short)}" if short else
-               "enough in total, but no node has room for a whole worker")
+               "enough in total, but in use or split so that no node has room for a whole worker")
     return (
         f"run {run!r}: the cluster could not hold the {num_workers} workers ({num_workers} × {_resources(per_worker)}) "
         f"for run.node_wait_s={wait_s:g} s; a node was lost (or never joined) and none came back with those resources. "
