@@ -248,6 +248,11 @@ def test_truncate_pair_rules():
     # nothing left for the prompt
     assert truncate_pair(prompt, chosen, rejected, max_prompt_length=6, max_completion_length=8,
                          max_length=4)[0] == ()
+    # a prompt shorter than its room is kept whole (room 8 > 6 tokens, and room 96 under the defaults)
+    assert truncate_pair(prompt, chosen, rejected, max_prompt_length=8, max_completion_length=8,
+                         max_length=100) == (prompt, chosen, rejected)
+    assert truncate_pair(prompt, chosen, rejected, max_prompt_length=512, max_completion_length=512,
+                         max_length=1024) == (prompt, chosen, rejected)
     # POET runs before the prompt is fitted, so the prompt gains what POET freed
     assert truncate_pair(prompt, chosen, rejected, max_prompt_length=6, max_completion_length=8, max_length=6,
                          poet=True) == ((3, 4, 5, 6), (10, 11), (20, 21))

@@ -78,7 +78,7 @@ def truncate_pair(
     if poet:
         chosen, rejected = poet_truncate(chosen, rejected)
     keep = max(0, min(max_prompt_length, max_length - max(len(chosen), len(rejected))))
-    prompt = tuple(prompt_ids[len(prompt_ids) - keep:]) if keep else ()
+    prompt = tuple(prompt_ids[max(0, len(prompt_ids) - keep):]) if keep else ()
     return prompt, chosen, rejected
 
 
