@@ -9,7 +9,7 @@
 #   MLFLOW_ARTIFACTS_DESTINATION  folder (or URI) the server stores artifacts in (default /mlflow/artifacts)
 #   MLFLOW_ALLOWED_HOSTS        Host headers accepted, comma-separated (default: MLflow's own,
 #                               localhost and private IPs; add the service name, e.g. mlflow:5000)
-#   MLFLOW_WORKERS              server worker processes (default 2)
+#   MLFLOW_WORKERS              server worker processes (default 1: with SQLite, one process owns the database)
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  false (default): no job-runner process, which tracking never uses
 set -euo pipefail
 
@@ -27,7 +27,7 @@ args=(
   --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$db_dir/mlflow.db}"
   --serve-artifacts
   --artifacts-destination "$artifacts"
-  --workers "${MLFLOW_WORKERS:-2}"
+  --workers "${MLFLOW_WORKERS:-1}"
 )
 [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ] && args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 

@@ -12,7 +12,9 @@
 #   RAY_NUM_CPUS, RAY_NUM_GPUS, RAY_RESOURCES (JSON), RAY_OBJECT_STORE_MEMORY (bytes),
 #   RAY_TEMP_DIR, RAY_DASHBOARD_AGENT_LISTEN_PORT: optional; unset lets Ray decide (the temp dir:
 #                             the head's), set RAY_TEMP_DIR when several nodes share one host
-#   PO_RAY_STORAGE            shared folder for run.storage_path (default /mnt/shared); must be writable
+#   SHARED_DIR                the shared volume's mount point (default /mnt/shared): Ray does not start
+#                             unless it is a writable folder. po_ray does not read it: pass
+#                             run.storage_path=$SHARED_DIR/... (Train/Tune storage every node reaches)
 set -euo pipefail
 
 : "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN to the cluster secret, the same as on the head}"
@@ -22,9 +24,9 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 
 node_ip="${RAY_NODE_IP:-$(hostname -i | awk '{print $1}')}"
 head="${RAY_HEAD_ADDRESS:-head:6379}"
-storage="${PO_RAY_STORAGE:-/mnt/shared}"
+storage="${SHARED_DIR:-/mnt/shared}"
 mkdir -p "$storage" && [ -w "$storage" ] || {
-  echo "entrypoint-worker: PO_RAY_STORAGE=$storage is not a writable folder; mount the shared volume there" >&2
+  echo "entrypoint-worker: SHARED_DIR=$storage is not a writable folder; mount the shared volume there" >&2
   exit 1
 }
 
@@ -49,5 +51,5 @@ args=(
 [ -n "${RAY_TEMP_DIR:-}" ] && args+=(--temp-dir="$RAY_TEMP_DIR")
 [ -n "${RAY_DASHBOARD_AGENT_LISTEN_PORT:-}" ] && args+=(--dashboard-agent-listen-port="$RAY_DASHBOARD_AGENT_LISTEN_PORT")
 
-echo "entrypoint-worker: ray start ${args[*]} (storage $storage)"
+echo "entrypoint-worker: ray start ${args[*]} (shared $storage)"
 exec ray start "${args[@]}" --block

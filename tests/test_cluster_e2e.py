@@ -1,8 +1,14 @@
 """The compose topology, on the host: the same entry-point scripts start one Ray head, two Ray worker
-nodes (separate `ray start` processes, one CPU each, so the two Train workers of the demo must land
-on different nodes: multi-node ZeRO-3) and an MLflow server, with token auth and RAY_NODE_IP /
-MLFLOW_HOST 127.0.0.1. The demo is submitted with `ray job submit` (refused without the token), must
-reach SUCCEEDED, and its run is read back from that MLflow server over HTTP.
+nodes (separate `ray start` processes) and an MLflow server, each with the environment its service
+has in docker/compose.yaml (token auth, CPUs and resources, object store, MLflow's address, workers)
+and only what a host needs changed: service names become 127.0.0.1 and fixed ports free ones, volume
+mount points become folders here, and every server binds 127.0.0.1 (RAY_NODE_IP / MLFLOW_HOST); what
+compose gives a container (its own /tmp and port space, cpus, mem_limit, shm_size) is approximated
+by a temp dir and agent port per node, or not at all. The demo is submitted with `ray job submit`
+(refused without the token) as the README does, with only run.storage_path on the shared volume: it
+must reach SUCCEEDED with its two ranks on different worker nodes (multi-node ZeRO-3, which compose's
+one CPU per worker makes so), and its run is read back over HTTP from the MLflow server whose address
+the nodes carry.
 
 Everything started here is stopped here, by pid, never with `ray stop` (other tests' Ray may be
 running): each script runs in its own session, and teardown signals its process group, then every
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +42,7 @@ requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
 BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow, po-ray
 TAG_VAR = "PO_RAY_E2E_CLUSTER"
 STEPS = 20
@@ -62,6 +71,26 @@ def tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """compose's ${VAR}, ${VAR:-default} and ${VAR:?message} against ``env``."""
+    def one(m: re.Match) -> str:
+        name, op, arg = m.groups()
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{COMPOSE}: {name} is required: {arg}")
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(:[?-])?([^}]*)\}", one, value)
+
+
+def by_script(services: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, service in services.items():
+        out.setdefault(Path(service["entrypoint"][0]).name, []).append(name)
+    return out
+
+
 class Cluster:
     """The four entry points, their logs, the ports and the token; `stop` ends all they spawned."""
 
@@ -69,11 +98,23 @@ class Cluster:
         self.base = base
         self.tag = uuid.uuid4().hex
         self.token = secrets.token_hex(32)
-        (self.gcs, self.dash, self.client, self.mlflow_port, *self.agent_ports) = free_ports(7)
-        self.storage = base / "shared"
-        self.runs = self.storage / "runs"
+        self.services = yaml.safe_load(COMPOSE.read_text())["services"]
+        roles = by_script(self.services)
+        (self.head_name,) = roles["entrypoint-head.sh"]
+        self.worker_names = roles["entrypoint-worker.sh"]
+        (self.mlflow_name,) = roles["entrypoint-mlflow.sh"]
+        head_env = self.services[self.head_name]["environment"]
+        listening = [head_env[k] for k in ("RAY_GCS_PORT", "RAY_DASHBOARD_PORT", "RAY_CLIENT_SERVER_PORT")]
+        listening.append(self.services[self.mlflow_name]["environment"]["MLFLOW_PORT"])
+        free = free_ports(len(listening) + len(self.worker_names) + 1)
+        # The fixed ports compose's services listen on, each replaced by a free one here.
+        self.ports = dict(zip(map(str, listening), map(str, free)))
+        self.gcs, self.dash, self.client, self.mlflow_port = free[:len(listening)]
+        self.agent_ports = free[len(listening):]  # one per Ray node: each container has its own
         self.logs = base / "logs"
         self.logs.mkdir()
+        self.storage = self.volume_folder(self.head_name, head_env["SHARED_DIR"])
+        self.runs = self.storage / "po_ray_runs"  # the README's run.storage_path=/mnt/shared/po_ray_runs
         self.procs: dict[str, subprocess.Popen] = {}
         self.roots: list[psutil.Process] = []
         self.seen: set[psutil.Process] = set()
@@ -86,6 +127,14 @@ class Cluster:
     def mlflow_url(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
+    def volume_folder(self, service: str, mount_point: str) -> Path:
+        """The folder here that stands for the named volume mounted at ``mount_point`` in ``service``."""
+        for entry in self.services[service].get("volumes", []):
+            volume, _, point = entry.partition(":")
+            if point == mount_point:
+                return self.base / "volumes" / volume
+        raise AssertionError(f"{COMPOSE}: {service} mounts nothing at {mount_point}")
+
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_", "MLFLOW_")) or k in ("RAY_USAGE_STATS_ENABLED",)}
@@ -94,20 +143,34 @@ class Cluster:
         env[TAG_VAR] = self.tag
         return env
 
-    def node_env(self, **extra: str) -> dict[str, str]:
-        return {
-            **self.base_env(),
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": self.token,
-            "RAY_NODE_IP": "127.0.0.1",
-            "PO_RAY_STORAGE": str(self.storage),
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "RAY_OBJECT_STORE_MEMORY": str(128 * 2**20),
-            # On SIGTERM a node drains first; the head, which keeps Ray Train's detached actors, never
-            # finishes and would wait out the default 30 s.
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
-            **extra,
-        }
+    def on_this_host(self, service: str, key: str, value: str) -> str:
+        """A compose value as it must be here: service names -> 127.0.0.1, fixed ports -> free ones,
+        volume mount points -> the folders standing for the volumes."""
+        if key.endswith("_PORT") and value in self.ports:
+            return self.ports[value]
+        names = {*self.services, *(s.get("hostname", n) for n, s in self.services.items()), "127.0.0.1"}
+
+        def endpoint(m: re.Match) -> str:
+            host, port = m.groups()
+            if port not in self.ports or (host not in names and host != "localhost"):
+                return m.group(0)
+            return f"{'localhost' if host == 'localhost' else '127.0.0.1'}:{self.ports[port]}"
+
+        value = re.sub(r"([A-Za-z0-9.-]+):(\d+)\b", endpoint, value)
+        for entry in self.services[service].get("volumes", []):
+            point = entry.partition(":")[2]
+            if value == point or value.startswith(point + "/"):
+                value = str(self.volume_folder(service, point)) + value[len(point):]
+        return value
+
+    def service_env(self, service: str, **host_only: str) -> dict[str, str]:
+        """The service's compose environment on this host, plus ``host_only`` (which compose must not set)."""
+        compose_env = self.services[service]["environment"]
+        clash = set(host_only) & set(compose_env)
+        assert not clash, f"{COMPOSE}: {service} sets {sorted(clash)}, which this test replaces"
+        env = {k: self.on_this_host(service, k, interpolate(str(v), {"RAY_AUTH_TOKEN": self.token}))
+               for k, v in compose_env.items()}
+        return {**self.base_env(), **env, **host_only}
 
     def client_env(self, token: str | None) -> dict[str, str]:
         env = self.base_env()
@@ -130,43 +193,34 @@ class Cluster:
             )
         self.roots.append(psutil.Process(self.procs[name].pid))
 
+    def ray_node_env(self, service: str, index: int, **extra: str) -> dict[str, str]:
+        return self.service_env(
+            service,
+            RAY_NODE_IP="127.0.0.1",  # a container binds its own address; here only loopback
+            RAY_TEMP_DIR=str(self.base / f"ray-{index}"),  # one per node, as each container has its own /tmp
+            RAY_DASHBOARD_AGENT_LISTEN_PORT=str(self.agent_ports[index]),  # and its own ports
+            # On SIGTERM a node drains first; the head, which keeps Ray Train's detached actors, never
+            # finishes and would wait out the default 30 s.
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
+            **extra,
+        )
+
     def start_all(self) -> None:
-        """One at a time, each polled until it has joined: on two shared cores, raylets started
-        together can miss Ray's fixed 30 s registration window."""
-        self.start("head", "entrypoint-head.sh", self.node_env(
-            RAY_GCS_PORT=str(self.gcs),
-            RAY_DASHBOARD_PORT=str(self.dash),
-            RAY_CLIENT_SERVER_PORT=str(self.client),
-            RAY_DASHBOARD_AGENT_LISTEN_PORT=str(self.agent_ports[0]),
-            RAY_TEMP_DIR=str(self.base / "ray-h"),  # one per node, as each container has its own /tmp
-            RAY_NUM_CPUS="0",  # drivers only: the Train workers must go to the worker nodes
-        ))
+        """In compose's order (workers depend on a healthy head), one at a time, each polled until it
+        has joined: on two shared cores, raylets started together can miss Ray's 30 s registration."""
+        self.start(self.head_name, "entrypoint-head.sh", self.ray_node_env(self.head_name, 0))
         self.wait_for("Ray head", lambda: len(self.nodes()) == 1, CLUSTER_UP_S)
-        for i in (1, 2):
-            name = f"worker-{i}"
+        for i, name in enumerate(self.worker_names, start=1):
             for attempt in (1, 2):  # compose restarts a worker whose `ray start` failed; so once here
-                self.start(name, "entrypoint-worker.sh", self.node_env(
-                    RAY_HEAD_ADDRESS=f"127.0.0.1:{self.gcs}",
-                    RAY_HEAD_WAIT_S=str(CLUSTER_UP_S),
-                    RAY_NUM_CPUS="1",
-                    RAY_RESOURCES=json.dumps({f"worker_{i}": 1}),
-                    RAY_DASHBOARD_AGENT_LISTEN_PORT=str(self.agent_ports[i]),
-                    RAY_TEMP_DIR=str(self.base / f"ray-w{i}"),
-                ))
+                self.start(name, "entrypoint-worker.sh",
+                           self.ray_node_env(name, i, RAY_HEAD_WAIT_S=str(CLUSTER_UP_S)))
                 try:
-                    self.wait_for(f"Ray worker node {i}", lambda n=i + 1: len(self.nodes()) == n, CLUSTER_UP_S)
+                    self.wait_for(f"Ray worker node {name}", lambda n=i + 1: len(self.nodes()) == n, CLUSTER_UP_S)
                     break
                 except pytest.fail.Exception:
                     if attempt == 2 or self.procs[name].poll() is None:
                         raise
-        self.start("mlflow", "entrypoint-mlflow.sh", {
-            **self.base_env(),
-            "MLFLOW_HOST": "127.0.0.1",
-            "MLFLOW_PORT": str(self.mlflow_port),
-            "MLFLOW_DB_DIR": str(self.base / "mlflow-db"),
-            "MLFLOW_ARTIFACTS_DESTINATION": str(self.base / "mlflow-artifacts"),
-            "MLFLOW_WORKERS": "1",
-        })
+        self.start(self.mlflow_name, "entrypoint-mlflow.sh", self.service_env(self.mlflow_name, MLFLOW_HOST="127.0.0.1"))
         self.wait_for("MLflow server", lambda: requests.get(f"{self.mlflow_url}/health", timeout=5).ok, CLUSTER_UP_S)
 
     # ---- state ------------------------------------------------------------------------------------
@@ -237,7 +291,7 @@ class Cluster:
         Then SIGTERM, and after a grace period SIGKILL, to each entry point's process group and to
         every process of this cluster still alive."""
         self.ours()
-        for group in (["worker-1", "worker-2", "mlflow"], ["head"]):
+        for group in ([*self.worker_names, self.mlflow_name], [self.head_name]):
             started = [self.procs[name] for name in group if name in self.procs]
             for proc in started:
                 if proc.poll() is None:
@@ -305,9 +359,10 @@ def ray_job(c: Cluster, token: str | None, *args: str, timeout: float = 120) -> 
 
 
 def entrypoint(c: Cluster) -> list[str]:
-    # Absolute paths: the driver runs in a job folder of its own, the Train workers elsewhere again.
+    # As the README submits it: storage on the shared volume (an absolute path: the driver runs in a
+    # job folder of its own, the Train workers elsewhere again); MLflow from the nodes' environment.
     return ["po-ray", "train", "--config", "demo", f"run.storage_path={c.runs}", "run.name=e2e",
-            f"train.max_steps={STEPS}", f"tracking.tracking_uri={c.mlflow_url}", "checkpoint.export_model=false"]
+            f"train.max_steps={STEPS}", "checkpoint.export_model=false"]
 
 
 def submitted_ids(c: Cluster) -> set[str]:
@@ -385,7 +440,7 @@ def test_demo_job_trains_zero3_across_both_worker_nodes(cluster, finished_job):
     # Which node ran each rank: the Train worker actors of this job, matched to the pids the ranks wrote.
     nodes = {n["node_id"]: n for n in c.nodes()}
     by_resource = {k: nid for nid, n in nodes.items() for k in n["resources_total"] if k.startswith("worker_")}
-    assert set(by_resource) == {"worker_1", "worker_2"}, nodes
+    assert set(by_resource) == {"worker_1", "worker_2"}, nodes  # compose's RAY_RESOURCES, one per worker
     r = requests.get(f"{c.dashboard_url}/api/v0/actors", headers=c.headers(), timeout=30, params={
         "detail": "true", "limit": "1000",
         "filter_keys": ["job_id", "class_name"], "filter_predicates": ["=", "="],
@@ -413,4 +468,5 @@ def test_run_is_in_the_clusters_mlflow_server(cluster, finished_job):
     # Artifacts go through the server into its own artifact store.
     listed = requests.get(f"{api}/artifacts/list", params={"run_id": summary["mlflow_run_id"]}, timeout=30).json()
     assert "summary.json" in {f["path"] for f in listed.get("files", [])}, listed
-    assert list((c.base / "mlflow-artifacts").rglob("summary.json"))
+    artifacts = c.volume_folder(c.mlflow_name, c.services[c.mlflow_name]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"])
+    assert list(artifacts.rglob("summary.json"))
