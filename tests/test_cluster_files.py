@@ -98,6 +98,86 @@ def test_aws_mounts_shared_storage_on_every_node(aws):
     assert any("mount -t nfs4" in c and f" {SHARED}" in c for c in aws["initialization_commands"])
 
 
+def test_aws_nodes_log_in_to_the_images_registry(aws):
+    # pull_before_run pulls the private ECR image on every node: each host logs in first.
+    registry = aws["docker"]["image"].split("/")[0]
+    assert registry.endswith(".amazonaws.com") and aws["docker"]["pull_before_run"] is True
+    logins = [c for c in aws["initialization_commands"] if "docker login" in c]
+    assert len(logins) == 1
+    region = aws["provider"]["region"]
+    assert re.fullmatch(
+        rf"aws ecr get-login-password --region {re.escape(region)} \| docker login --username AWS "
+        rf"--password-stdin {re.escape(registry)}", logins[0]), logins[0]
+
+
+def test_aws_installs_nothing_at_run_time(aws):
+    # The image is the whole environment: no package manager runs on a node or in a container.
+    commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                              "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                for c in aws.get(key, [])]
+    for command in commands:
+        assert not re.search(r"\b(apt-get|apt|yum|dnf|pip|conda)\b +install", command), command
+
+
+def kib_bytes(text: str) -> int:
+    """docker's --shm-size (b, k, m, g) and Kubernetes' quantities (Ki, Mi, Gi, Ti), both powers of 1024."""
+    number, unit = re.fullmatch(r"(\d+)([bkmgt]?)i?b?", str(text).lower()).groups()
+    return int(number) * 1024 ** "bkmgt".index(unit or "b")
+
+
+def start_option(command: str, name: str) -> str:
+    (value,) = re.findall(rf"--{name}=(\S+)", command)
+    return value
+
+
+def test_aws_object_store_fits_in_each_nodes_shm(aws):
+    # Ray's object store is a file in /dev/shm (docker's --shm-size); left to itself Ray sizes it
+    # from RAM (30 %, at most 200 GB), more than /dev/shm holds, and falls back to disk.
+    docker = aws["docker"]
+    for run_key, start_key in (("head_run_options", "head_start_ray_commands"),
+                               ("worker_run_options", "worker_start_ray_commands")):
+        (shm,) = [o.split("=", 1)[1] for o in docker[run_key] if o.startswith("--shm-size=")]
+        (start,) = [c for c in aws[start_key] if "ray start" in c]
+        store = int(start_option(start, "object-store-memory"))
+        assert 75 * 2**20 <= store <= kib_bytes(shm) // 2, (run_key, store, shm)  # half left to NCCL, torch
+
+
+def test_kuberay_object_store_fits_in_each_pods_shm():
+    for name, spec in ray_cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            store = int(group["rayStartParams"]["object-store-memory"])
+            pod = group["template"]["spec"]
+            (container,) = pod["containers"]
+            shm_volume = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+            (volume,) = [v for v in pod["volumes"] if v["name"] == shm_volume]
+            assert volume["emptyDir"]["medium"] == "Memory"
+            shm = kib_bytes(volume["emptyDir"]["sizeLimit"])
+            assert 75 * 2**20 <= store <= shm // 2, (name, store, shm)
+            # A memory-backed emptyDir counts against the container's memory limit: leave most of it.
+            assert shm <= kib_bytes(container["resources"]["limits"]["memory"]) // 4, name
+
+
+def job_submissions(markdown: str) -> list[str]:
+    """Every `ray job submit …` command in the file's code blocks, continuation lines joined."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", markdown, flags=re.S)
+    commands = []
+    for block in blocks:
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines() if "ray job submit" in line]
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["README.md", "cluster/README.md"])
+def test_documented_submissions_pass_literal_values(doc):
+    # `ray job submit -- ARGS` quotes each argument for the head's shell (shlex.join), so a $VAR in
+    # them, quoted or not here, would reach po_ray as the text "$VAR", never as its value there.
+    commands = job_submissions((ROOT / doc).read_text())
+    assert commands, f"{doc} shows no `ray job submit`"
+    for command in commands:
+        entrypoint = command.split(" -- ", 1)[1]
+        assert "$" not in entrypoint, command
+
+
 def test_aws_gpu_workers_have_8_gpus(aws):
     workers = {n: t for n, t in aws["available_node_types"].items() if n != aws["head_node_type"]}
     assert len(workers) == 1
