@@ -76,7 +76,7 @@ def cmd_validate_data(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from po_ray.plan import format_plan, parse_bytes, plan_memory, smallest_cluster
+    from po_ray.plan import format_plan, parse_bytes, plan_memory, smallest_cluster, worker_count_note
 
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     memory = parse_bytes(args.gpu_memory)
@@ -87,6 +87,8 @@ def cmd_plan(args) -> int:
         print(f"\nno cluster of up to 64 nodes x {args.gpus_per_node} GPUs fits this config")
     else:
         print(f"\nsmallest cluster that fits: {smallest.nodes} node(s) x {smallest.gpus_per_node} GPUs")
+        if note := worker_count_note(cfg, smallest.world_size):
+            print(f"note: {note}")
     return 0 if plan.fits else 1
 
 

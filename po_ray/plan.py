@@ -34,6 +34,10 @@ models, so this works offline) and the run config. The line items:
   GPU for allocator fragmentation and short-lived copies (such as the fp32 gradient of one optimiser
   sub-group that ZeRO-3 makes at the step, after activations are freed).
 
+Each GPU is one Ray Train worker with ``train.micro_batch_size`` pairs per micro-step, so a plan
+for N × G GPUs is a plan for ``scaling.num_workers = N × G``; when the config says otherwise the plan
+notes the worker count to run with and the global batch that gives.
+
 The model-state figure (parameters + gradients + optimiser state + gathered largest layer) is
 cross-checked against DeepSpeed's ``estimate_zero3_model_states_mem_needs``. Without offload
 DeepSpeed budgets 18 B/param where we itemise 16 (2 + 2 + 12 above); the 2 B it adds are not broken
@@ -238,10 +242,14 @@ class MemoryPlan:
         return self.nodes * self.gpus_per_node
 
     @property
+    def gathered_layer_bytes(self) -> int:
+        """The part of the ZeRO buffers that is the largest module gathered whole (ZeRO-3 only)."""
+        return GATHERED_LAYER_BYTES_PER_PARAM * self.largest_layer_params if self.zero_stage == 3 else 0
+
+    @property
     def model_states_bytes(self) -> int:
         """Parameters + gradients + optimiser state + the gathered largest layer: what DeepSpeed estimates."""
-        gathered = GATHERED_LAYER_BYTES_PER_PARAM * self.largest_layer_params if self.zero_stage == 3 else 0
-        return self.params_bytes + self.gradients_bytes + self.optimizer_bytes + gathered
+        return self.params_bytes + self.gradients_bytes + self.optimizer_bytes + self.gathered_layer_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -320,11 +328,28 @@ def plan_memory(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_memory_bytes
         logprob_chunk_bytes=logprob_chunk_bytes,
         headroom_bytes=headroom_bytes,
         deepspeed_model_states_bytes=None,
+        notes=tuple(filter(None, [worker_count_note(cfg, world)])),
     )
     if stage != 3 or not half:
         return plan
     ds_bytes = _deepspeed_estimate(plan, offload_optimizer=offload_optimizer, offload_params=offload_params)
     return _with_crosscheck(plan, ds_bytes, offload_optimizer=offload_optimizer)
+
+
+def worker_count_note(cfg: Config, world: int) -> str | None:
+    """What running ``cfg`` on ``world`` GPUs changes when scaling.num_workers differs (None when it does not)."""
+    workers, micro, accumulation = cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
+    if workers == world:
+        return None
+    wanted = workers * micro * accumulation
+    note = (
+        f"scaling.num_workers is {workers}, but {world} GPUs are {world} workers: run with "
+        f"scaling.num_workers={world}. The global batch is then {world} workers × {micro} pairs × "
+        f"{accumulation} accumulation steps = {world * micro * accumulation} pairs per step, not {wanted}"
+    )
+    if (workers * accumulation) % world == 0:
+        note += f"; train.gradient_accumulation_steps={workers * accumulation // world} keeps {wanted}"
+    return note + "."
 
 
 def _precision(cfg: Config) -> str:
@@ -390,10 +415,11 @@ def _with_crosscheck(plan: MemoryPlan, ds_bytes: int, *, offload_optimizer: bool
     verdict = "fits" if total_ds <= plan.gpu_memory_bytes else "does NOT fit"
     note = (
         f"cross-check: DeepSpeed's estimate_zero3_model_states_mem_needs gives {_gib(ds_bytes)} GiB of model "
-        f"states per GPU where we count {_gib(ours)} GiB: " + ", ".join(why)
+        f"states per GPU where we count {_gib(ours)} GiB (parameters, gradients, optimiser state and the "
+        "gathered largest layer): " + ", ".join(why)
         + f". With DeepSpeed's figure the total is {_gib(total_ds)} GiB ({verdict})."
     )
-    return replace(plan, deepspeed_model_states_bytes=ds_bytes, notes=(note,))
+    return replace(plan, deepspeed_model_states_bytes=ds_bytes, notes=(*plan.notes, note))
 
 
 def smallest_cluster(cfg: Config, *, gpus_per_node: int, gpu_memory_bytes: int, max_nodes: int = 64) -> MemoryPlan | None:
@@ -431,7 +457,10 @@ def format_plan(plan: MemoryPlan) -> str:
         ("gradients" + (offloaded if not plan.gradients_bytes else ""), plan.gradients_bytes),
         ("optimiser state (Adam" + (", fp32 master" if plan.precision != "fp32" else "") + ")"
          + (offloaded if not plan.optimizer_bytes else ""), plan.optimizer_bytes),
-        (f"ZeRO-{plan.zero_stage} buffers (gathered largest layer, buckets)", plan.zero_buffers_bytes),
+        *([("ZeRO-3 gathered largest layer (bf16 weight + gradient)", plan.gathered_layer_bytes)]
+          if plan.zero_stage == 3 else []),
+        (f"ZeRO-{plan.zero_stage} buckets" + (" and persistent parameters" if plan.zero_stage == 3 else ""),
+         plan.zero_buffers_bytes - plan.gathered_layer_bytes),
         (f"reference model ({plan.reference_strategy})", plan.reference_bytes),
         (f"activations ({ckpt})", plan.activations_bytes),
         ("log-prob chunk", plan.logprob_chunk_bytes),

@@ -303,3 +303,71 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects_with_the_accepted_forms(text):
     with pytest.raises(ValueError, match=r"80GiB.*KiB, MiB, GiB, TiB"):
         parse_bytes(text)
+
+
+def test_rows_split_the_zero_buffers_and_the_crosscheck_counts_the_first_four(small_model_dir):
+    plan = plan_memory(small_config(small_model_dir), nodes=1, gpus_per_node=4, gpu_memory_bytes=80 * 10**9)
+    # The 68 536 B of buffers (test_small_model_by_hand): 4 B × 16 384 gathered embedding, the rest
+    # the 2 B × (1 000 + 500) buckets.
+    assert plan.gathered_layer_bytes == 65_536
+    assert plan.zero_buffers_bytes - plan.gathered_layer_bytes == 3_000
+    assert plan.model_states_bytes == 53_408 + 53_408 + 320_448 + 65_536
+
+
+def gib_rows(text: str) -> dict[str, float]:
+    return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (.+?)\s+(\d+\.\d\d)$", text, flags=re.M)}
+
+
+def test_crosscheck_note_adds_up_the_rows_it_names():
+    cfg = load_config(CONFIGS / "command-r-35b-dpo.yaml")
+    text = format_plan(plan_memory(cfg, nodes=4, gpus_per_node=8, gpu_memory_bytes=parse_bytes("80GB")))
+    # By hand: every Command R tensor divides by 32 GPUs, so each holds 34 980 831 232 / 32
+    # = 1 093 150 976 elements: 2 B (weight) + 2 B (gradient) + 12 B (Adam, fp32 master) each,
+    # 2.04 + 2.04 + 12.22 GiB; the gathered embedding is 4 B × 256 000 × 8192 = 7.81 GiB.
+    # Together 25 879 023 616 B = 24.10 GiB.
+    rows = gib_rows(text)
+    assert rows["parameters (bf16, 1/32 each)"] == 2.04 and rows["gradients"] == 2.04
+    assert rows["optimiser state (Adam, fp32 master)"] == 12.22
+    assert rows["ZeRO-3 gathered largest layer (bf16 weight + gradient)"] == 7.81
+    assert (16 * 1_093_150_976 + 4 * 256_000 * 8192) / GiB == pytest.approx(24.10, abs=0.005)
+    assert ("where we count 24.10 GiB (parameters, gradients, optimiser state and the gathered largest layer)"
+            in text)
+    # The rows themselves, each rounded, add up to that within rounding.
+    four = [rows[k] for k in ("parameters (bf16, 1/32 each)", "gradients", "optimiser state (Adam, fp32 master)",
+                              "ZeRO-3 gathered largest layer (bf16 weight + gradient)")]
+    assert sum(four) == pytest.approx(24.10, abs=0.02)
+    assert sum(v for k, v in rows.items() if k != "total") == pytest.approx(rows["total"], abs=0.06)
+
+
+def test_a_cluster_of_another_size_notes_the_workers_and_the_global_batch(small_model_dir):
+    cfg = small_config(small_model_dir, "scaling.num_workers=8", "train.gradient_accumulation_steps=1")
+    plan = plan_memory(cfg, nodes=1, gpus_per_node=4, gpu_memory_bytes=80 * 10**9)
+    # 8 workers × 2 pairs × 1 step = 16 pairs per step configured; 4 GPUs give 4 × 2 × 1 = 8, and
+    # 2 accumulation steps bring back 16.
+    (note,) = [n for n in plan.notes if n.startswith("scaling.num_workers")]
+    assert note == (
+        "scaling.num_workers is 8, but 4 GPUs are 4 workers: run with scaling.num_workers=4. The global "
+        "batch is then 4 workers × 2 pairs × 1 accumulation steps = 8 pairs per step, not 16; "
+        "train.gradient_accumulation_steps=2 keeps 16."
+    )
+    assert f"note: {note}" in format_plan(plan)
+    # 3 GPUs: 3 × 2 × 1 = 6 pairs; no whole number of accumulation steps gives 16 on 3 workers.
+    three = plan_memory(cfg, nodes=1, gpus_per_node=3, gpu_memory_bytes=80 * 10**9)
+    assert any(n.endswith("= 6 pairs per step, not 16.") for n in three.notes)
+    # The configured count: no note.
+    same = plan_memory(small_config(small_model_dir, "scaling.num_workers=4"), nodes=2, gpus_per_node=2,
+                       gpu_memory_bytes=80 * 10**9)
+    assert not [n for n in same.notes if n.startswith("scaling.num_workers")]
+
+
+def test_plan_command_notes_the_smallest_clusters_batch(capsys):
+    from po_ray.cli import main
+
+    # Command R is configured for 32 workers × 2 pairs × 2 steps = 128 pairs; its smallest cluster,
+    # 2 × 8 = 16 GPUs, gives 16 × 2 × 2 = 64, and 4 accumulation steps give 128 again.
+    assert main(["plan", "--config", "command-r-35b-dpo", "--nodes", "4", "--gpus-per-node", "8",
+                 "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("smallest cluster that fits: 2 node(s) x 8 GPUs"):]
+    assert "= 64 pairs per step, not 128; train.gradient_accumulation_steps=4 keeps 128." in tail
+    assert "scaling.num_workers" not in out[: out.index("smallest cluster")]  # 4 × 8 is the configured 32
