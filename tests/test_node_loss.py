@@ -27,6 +27,7 @@ import pytest
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
+from po_ray.checkpoint import STATE_FILE  # noqa: E402
 from po_ray.cli import resolve_config_path  # noqa: E402
 from po_ray.config import load_config  # noqa: E402
 from po_ray.launch import NodeWaitTimeout, node_wait_message  # noqa: E402
@@ -238,6 +239,14 @@ def kill_a_node_after_the_first_checkpoint(c: NodeCluster, run_dir: Path, thread
     return before
 
 
+def latest_registered_checkpoint_step(run_dir: Path) -> int:
+    """The step of the checkpoint Ray Train restores from: the latest one its controller registered,
+    from the snapshot it keeps in the run folder, and the step po_ray saved in that checkpoint."""
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    folder = run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return json.loads((folder / STATE_FILE).read_text())["step"]
+
+
 def waiting_for_slots() -> bool:
     """Ray Train's new worker group is waiting for a placement group that asks for the slots."""
     from ray.util import placement_group_table
@@ -258,12 +267,17 @@ def test_run_resumes_from_checkpoint_when_a_new_node_joins(cluster, tmp_path):
 
     # The controller noticed, restarted, and is now waiting for room; then capacity returns.
     poll("a restart waiting for a node", waiting_for_slots, RUN_S, thread, result)
+    restore_step = latest_registered_checkpoint_step(run_dir)
+    assert restore_step % EVERY == 0 and EVERY <= restore_step <= max(before["ledger"][1]), restore_step
     cluster.add_worker()
     thread.join(timeout=RUN_S)
     assert not thread.is_alive(), "training did not finish after a new node joined"
     assert "summary" in result, result.get("error")
 
-    # Resumed, not restarted from scratch: the evaluation before training (step 0 only) was not rerun.
+    # Resumed, not restarted from scratch: the new workers loaded the checkpoint Ray Train held when
+    # the node died (the run's restart history says which), and the evaluation before training
+    # (step 0 only) was not rerun.
+    assert result["summary"]["resumed_from_steps"] == [restore_step]
     assert (run_dir / "eval_before.json").stat().st_mtime_ns == before["eval_before_mtime"]
     assert int((run_dir / "pids" / "rank1").read_text()) != before["victim"]
     got = ledger(run_dir)
