@@ -36,6 +36,7 @@ SLOT = "train_slot"
 STEPS = 60  # ~0.2 s a step here: room to kill the node well before the end
 EVERY = 10  # checkpoint interval
 KILL_AFTER = EVERY + 3  # steps trained when the node dies: some after the checkpoint, to be trained again
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints, in the run folder
 COMMON = [
     "optimizer.scheduler=constant",
     "optimizer.warmup_steps=0",
@@ -222,14 +223,17 @@ def start_training(cfg) -> tuple[threading.Thread, dict]:
 
 
 def kill_a_node_after_the_first_checkpoint(c: NodeCluster, run_dir: Path, thread, result) -> dict:
-    """Wait until a checkpoint exists and steps past it were trained, then kill the node of rank 1.
-    Returns what the run looked like at that moment."""
+    """Wait until Ray Train has registered a checkpoint and steps past it were trained, then kill the
+    node of rank 1. Returns what the run looked like at that moment.
+
+    Registered, not merely written: a checkpoint the workers wrote but whose report the controller
+    had not yet collected when a worker died is not restored, and the run would start over."""
 
     def ready():
         rows = ledger(run_dir).get(1, {}) if (run_dir / "ledger").is_dir() else {}
-        return max(rows, default=0) >= KILL_AFTER and list(run_dir.glob("checkpoint_*"))
+        return max(rows, default=0) >= KILL_AFTER and (run_dir / CHECKPOINT_SNAPSHOT).exists()
 
-    poll(f"step {KILL_AFTER} after a checkpoint", ready, RUN_S, thread, result)
+    poll(f"step {KILL_AFTER} after a registered checkpoint", ready, RUN_S, thread, result)
     victim = int((run_dir / "pids" / "rank1").read_text())
     c.kill(c.node_of(victim))
     before = {"ledger": ledger(run_dir), "victim": victim,
@@ -242,7 +246,7 @@ def kill_a_node_after_the_first_checkpoint(c: NodeCluster, run_dir: Path, thread
 def latest_registered_checkpoint_step(run_dir: Path) -> int:
     """The step of the checkpoint Ray Train restores from: the latest one its controller registered,
     from the snapshot it keeps in the run folder, and the step po_ray saved in that checkpoint."""
-    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    snapshot = json.loads((run_dir / CHECKPOINT_SNAPSHOT).read_text())
     folder = run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     return json.loads((folder / STATE_FILE).read_text())["step"]
 
