@@ -5,8 +5,8 @@
 At a fixed number of completion tokens and hidden size, for vocabularies of 32k, 128k and 256k,
 one step is forward + backward through the LM head and the log-prob gather:
 
-  chunked   po_ray.model.completion_logps (chunks of model.logprob_chunk_size positions under
-            activation checkpointing, with the top-k statistics), as the trainer runs it
+  chunked   po_ray.model.completion_logps (chunks of model.logprob_chunk_size positions, nothing of
+            size (tokens, vocab) kept for backward, with the top-k statistics), as the trainer runs it
   naive     logits = head(h); log_softmax over the whole (tokens, vocab); gather; backward
 
 Each case runs in a fresh subprocess; its extra peak is the process's peak resident set
@@ -39,6 +39,7 @@ def one_case(path: str, vocab: int, tokens: int, hidden: int, chunk_size: int, s
     import torch
 
     from po_ray.model import completion_logps
+    from po_ray.model.logprobs import Head
 
     torch.manual_seed(seed)
     head = torch.nn.Linear(hidden, vocab, bias=False)
@@ -49,7 +50,8 @@ def one_case(path: str, vocab: int, tokens: int, hidden: int, chunk_size: int, s
     completion_mask[:, 0] = False
     before = peak_rss_bytes()
     if path == "chunked":
-        out = completion_logps(hidden_states, head, input_ids, completion_mask, chunk_size=chunk_size, topk=10)
+        out = completion_logps(hidden_states, Head(head.weight), input_ids, completion_mask, chunk_size=chunk_size,
+                               topk=10)
         logps = out.logps
     else:
         logits = head(hidden_states[:, :-1]).float()

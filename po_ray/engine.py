@@ -17,15 +17,16 @@ from po_ray.model import LogpOutput, build_model, policy_forward
 class LogpModel(nn.Module):
     """(input_ids, attention_mask, completion_mask) (2B, L) -> LogpOutput fields, each (2B,)."""
 
-    def __init__(self, model: nn.Module, *, chunk_size: int, topk: int):
+    def __init__(self, model: nn.Module, *, chunk_size: int, topk: int, signals: bool = True):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.topk = topk
+        self.signals = signals
 
     def forward(self, input_ids, attention_mask, completion_mask):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-        out = policy_forward(self.model, batch, chunk_size=self.chunk_size, topk=self.topk)
+        out = policy_forward(self.model, batch, chunk_size=self.chunk_size, topk=self.topk, signals=self.signals)
         return out.logps, out.tokens, out.entropy_sum, out.topk_entropy_sum, out.topk_mass_sum
 
 
@@ -35,8 +36,10 @@ def run(engine, batch: dict) -> LogpOutput:
     return LogpOutput(*fields)
 
 
-def build_engine(model_cfg, *, ds_config: dict, tokenizer, dtype, seed: int, chunk_size: int, topk: int, train: bool):
-    """Build (HF model, DeepSpeed engine). ``train=False`` gives an inference-only engine (no optimiser)."""
+def build_engine(model_cfg, *, ds_config: dict, tokenizer, dtype, seed: int, chunk_size: int, topk: int, train: bool,
+                 signals: bool = True):
+    """Build (HF model, DeepSpeed engine). ``train=False`` gives an inference-only engine (no optimiser);
+    ``signals=False`` one whose forward skips the entropy / top-k statistics (a reference's)."""
     hf_model = build_model(
         model_cfg,
         vocab_size=len(tokenizer),
@@ -47,7 +50,7 @@ def build_engine(model_cfg, *, ds_config: dict, tokenizer, dtype, seed: int, chu
         seed=seed,
         ds_config=ds_config,
     )
-    wrapped = LogpModel(hf_model, chunk_size=chunk_size, topk=topk)
+    wrapped = LogpModel(hf_model, chunk_size=chunk_size, topk=topk, signals=signals)
     if train:
         params = [p for p in wrapped.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params, config=ds_config)

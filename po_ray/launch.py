@@ -14,7 +14,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from po_ray.config import Config, ConfigError, to_dict
-from po_ray.loop import train_loop_per_worker
 from po_ray.losses import build_loss
 from po_ray.losses.registry import import_loss_plugins
 from po_ray.model import check_model_sources
@@ -67,31 +66,45 @@ def has_checkpoints(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one."""
+def ensure_ray(cfg: Config, *, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local one.
+
+    ``dashboard``: the local cluster serves Ray's State API (studies need it, see below); a single
+    run does without it, and without the dashboard's dozen processes (~300 MiB resident).
+    """
     if ray.is_initialized():
         return
     # Ray Train's controller polls workers' reports at this interval (2 s by default), and a report
     # waits for the poll: a shorter interval keeps small, fast steps from idling.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if not cfg.scaling.use_gpu:
+        # glibc raises its mmap threshold each time a large block is freed, after which tensors of up
+        # to 32 MiB come from the heap and fragment it: a CPU worker's resident memory then grows
+        # step by step to ~1.3x its live tensors. A fixed threshold hands them back to the OS when
+        # freed, for a few per cent more page faults (docs/benchmarks.md).
+        env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(2**20))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
         return
+    # Nothing drains or preempts the node of a local cluster, so Ray Train's preemption watcher
+    # (one more actor process per run) has nothing to watch.
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
-    # When a Train controller dies abruptly (a Tune trial stopped early, a killed driver), Ray
-    # Train frees its workers' placement group only after seeing it dead through the State API,
-    # which the dashboard serves: keep the dashboard (loopback only) and tell every actor where
-    # it is, since other local clusters may share this machine.
-    port = _free_port()
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    options: dict = {"include_dashboard": False}
+    if dashboard:
+        # When a Train controller dies abruptly (a Tune trial stopped early, a killed driver), Ray
+        # Train frees its workers' placement group only after seeing it dead through the State API,
+        # which the dashboard serves: keep the dashboard (loopback only) and tell every actor where
+        # it is, since other local clusters may share this machine.
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        options = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": env},
+        **options,
     )
 
 
@@ -99,6 +112,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker entry point (``po_ray.loop.train_loop_per_worker``), imported on the
+    workers only: the loop pulls in DeepSpeed (and through it MLflow), which the driver never runs
+    and which would add ~200 MiB to its resident memory."""
+    from po_ray import loop
+
+    loop.train_loop_per_worker(loop_config)
 
 
 def build_trainer(cfg: Config, *, loop_extra: dict | None = None, callbacks=(), name: str | None = None,

@@ -97,8 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tables = load_cache(cache_dir, key)
         if tables is None:
             say(f"[po-ray] reference: computing log-probs once for all pairs (cache {cache_dir / key})")
-            ref_ds = build_deepspeed_config(cfg, world_size=world, use_gpu=use_gpu, for_reference=True)
-            _, ref_engine = build_engine(reference_model_config(cfg), ds_config=ref_ds, train=False, **engine_args)
+            ref_engine = _reference_engine(cfg, world, use_gpu, engine_args)
             precompute(ref_engine, {"train": train_pairs, "eval": eval_pairs}, collate_fn=collate_fn,
                        micro_batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
                        cache_dir=cache_dir, key=key, progress=say)
@@ -109,9 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(f"[po-ray] reference: reusing precomputed log-probs {cache_dir / key}")
         reference = PrecomputedReference(tables)
     elif strategy == "sharded":
-        ref_ds = build_deepspeed_config(cfg, world_size=world, use_gpu=use_gpu, for_reference=True)
-        _, ref_engine = build_engine(reference_model_config(cfg), ds_config=ref_ds, train=False, **engine_args)
-        reference = ShardedReference(ref_engine)
+        reference = ShardedReference(_reference_engine(cfg, world, use_gpu, engine_args))
     if loop_config.get("precompute_only"):
         return
 
@@ -244,6 +241,13 @@ def _quiet_worker_logs() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _reference_engine(cfg: Config, world: int, use_gpu: bool, engine_args: dict):
+    """An inference-only ZeRO-3 engine of the reference model. Only its log-probs are ever used, so
+    its forward skips the vocabulary-wide entropy / top-k statistics."""
+    ds_config = build_deepspeed_config(cfg, world_size=world, use_gpu=use_gpu, for_reference=True)
+    return build_engine(reference_model_config(cfg), ds_config=ds_config, train=False, signals=False, **engine_args)[1]
 
 
 def _collate_to(pairs, *, pad_token_id: int, device) -> dict:

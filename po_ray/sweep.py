@@ -394,7 +394,7 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
     if study.asha:
         # ASHA's metric is a held-out score, present only in eval steps' reports.
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ensure_ray(study.config)
+    ensure_ray(study.config, dashboard=True)
     parent = _parent_run(study, study_dir, tracking_uri, (manifest or {}).get("parent_run_id"))
     manifest = {
         "study_file": str(Path(study_path).resolve()),

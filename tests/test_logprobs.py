@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
 
 from po_ray.config import ModelConfig
-from po_ray.model import build_model, completion_logps, policy_forward, token_stats
+from po_ray.model import build_model, completion_logps, logprobs, policy_forward, token_stats
+from po_ray.model.logprobs import Head
 
 N, L, H, V = 3, 12, 8, 17
 
@@ -48,7 +49,7 @@ def _naive_signals(hidden, weight, mask, k):
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
 def test_chunked_logps_and_grads_equal_naive(chunk_size):
     hidden, weight, input_ids, mask = _inputs()
-    out = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=chunk_size, topk=3)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=chunk_size, topk=3)
     expected = _naive_logps(hidden, weight, input_ids, mask)
     torch.testing.assert_close(out.logps, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.tokens, torch.tensor([8.0, 3.0, 11.0]))
@@ -60,10 +61,29 @@ def test_chunked_logps_and_grads_equal_naive(chunk_size):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_with_bias_multiplier_and_softcap_gives_the_naive_logps_and_grads(softcap):
+    hidden, weight, input_ids, mask = _inputs(seed=5)
+    bias = torch.randn(V).requires_grad_()
+    head = Head(weight, bias, multiplier=0.7, softcap=softcap)
+    out = completion_logps(hidden, head, input_ids, mask, chunk_size=4, topk=3)
+    logits = 0.7 * (hidden @ weight.T + bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, dim=-1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    expected = (logp * mask[:, 1:]).sum(-1)
+    torch.testing.assert_close(out.logps, expected, atol=1e-5, rtol=0)
+    upstream = torch.tensor([0.3, -1.0, 2.0])
+    grads = torch.autograd.grad((out.logps * upstream).sum(), [hidden, weight, bias])
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [hidden, weight, bias])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 3, 16])
 def test_signals_match_the_formulas(k):
     hidden, weight, input_ids, mask = _inputs(seed=1)
-    out = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=5, topk=k)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=5, topk=k)
     entropy, topk_entropy, mass = _naive_signals(hidden.detach(), weight.detach(), mask, k)
     torch.testing.assert_close(out.entropy_sum.double(), entropy, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.topk_entropy_sum.double(), topk_entropy, atol=1e-5, rtol=0)
@@ -72,10 +92,33 @@ def test_signals_match_the_formulas(k):
         assert not signal.requires_grad
 
 
+@pytest.mark.parametrize("block_elements", [1, 2 * V, 3 * V + 1])
+def test_signals_taken_in_row_blocks_match_the_formulas(monkeypatch, block_elements):
+    # Blocks of 1, 2 and 3 rows (one row when the block is smaller than a row) within chunks of 5.
+    monkeypatch.setattr(logprobs, "STATS_BLOCK_ELEMENTS", block_elements)
+    hidden, weight, input_ids, mask = _inputs(seed=3)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=5, topk=3)
+    expected = _naive_signals(hidden.detach(), weight.detach(), mask, 3)
+    for got, want in zip((out.entropy_sum, out.topk_entropy_sum, out.topk_mass_sum), expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_signals_off_keeps_the_logps_and_skips_the_statistics(monkeypatch):
+    calls = []
+    monkeypatch.setattr(logprobs, "token_stats", lambda *a: calls.append(a) or token_stats(*a))
+    hidden, weight, input_ids, mask = _inputs()
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=5, topk=3, signals=False)
+    assert calls == []
+    torch.testing.assert_close(out.logps, _naive_logps(hidden, weight, input_ids, mask), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.tokens, torch.tensor([8.0, 3.0, 11.0]))
+    for signal in (out.entropy_sum, out.topk_entropy_sum, out.topk_mass_sum):
+        torch.testing.assert_close(signal, torch.zeros(N))
+
+
 @pytest.mark.parametrize("k", [V, V + 5])
 def test_k_at_least_vocab_keeps_everything(k):
     hidden, weight, input_ids, mask = _inputs(seed=2)
-    out = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=4, topk=k)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=4, topk=k)
     torch.testing.assert_close(out.topk_mass_sum, out.tokens)  # mass 1 at every token
     torch.testing.assert_close(out.topk_entropy_sum, out.entropy_sum)
 
@@ -94,15 +137,17 @@ def test_token_stats_of_known_distributions():
     torch.testing.assert_close(mass, torch.tensor([1.0]))
 
 
-def test_projects_only_completion_positions_a_chunk_at_a_time_and_recomputes_in_backward():
+def test_projects_only_completion_positions_a_chunk_at_a_time_and_recomputes_in_backward(monkeypatch):
     hidden, weight, input_ids, mask = _inputs()
     seen: list[int] = []
+    projected = logprobs._logits
 
-    def project(h):
-        seen.append(h.shape[0])
-        return h @ weight.T
+    def spy(states, head):
+        seen.append(states.shape[0])
+        return projected(states, head)
 
-    out = completion_logps(hidden, project, input_ids, mask, chunk_size=5, topk=3)
+    monkeypatch.setattr(logprobs, "_logits", spy)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=5, topk=3)
     assert seen == [5, 5, 5, 5, 2]  # 22 completion tokens, never more than 5 at once
     forward_calls = len(seen)
     out.logps.sum().backward()
@@ -112,9 +157,9 @@ def test_projects_only_completion_positions_a_chunk_at_a_time_and_recomputes_in_
 
 def test_without_grad_equals_with_grad():
     hidden, weight, input_ids, mask = _inputs()
-    with_grad = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=3, topk=4)
+    with_grad = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=3, topk=4)
     with torch.no_grad():
-        without = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=3, topk=4)
+        without = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=3, topk=4)
     assert without.logps.grad_fn is None
     for name in ("logps", "tokens", "entropy_sum", "topk_entropy_sum", "topk_mass_sum"):
         torch.testing.assert_close(getattr(without, name), getattr(with_grad, name).detach())
@@ -123,9 +168,9 @@ def test_without_grad_equals_with_grad():
 def test_rows_without_completion_score_zero():
     hidden, weight, input_ids, mask = _inputs()
     mask[1] = 0
-    out = completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=4, topk=3)
+    out = completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=4, topk=3)
     assert out.tokens[1] == 0 and out.logps[1] == 0 and out.entropy_sum[1] == 0
-    empty = completion_logps(hidden, lambda h: h @ weight.T, input_ids, torch.zeros_like(mask), chunk_size=4, topk=3)
+    empty = completion_logps(hidden, Head(weight), input_ids, torch.zeros_like(mask), chunk_size=4, topk=3)
     assert empty.logps.tolist() == [0.0, 0.0, 0.0] and empty.tokens.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -133,7 +178,7 @@ def test_completion_at_position_zero_is_an_error():
     hidden, weight, input_ids, mask = _inputs()
     mask[0, 0] = 1
     with pytest.raises(ValueError, match="position 0"):
-        completion_logps(hidden, lambda h: h @ weight.T, input_ids, mask, chunk_size=4, topk=3)
+        completion_logps(hidden, Head(weight), input_ids, mask, chunk_size=4, topk=3)
 
 
 # ---- policy_forward on real (tiny) Hugging Face models -------------------------------------------
@@ -223,6 +268,6 @@ def test_policy_forward_applies_the_models_logit_scaling(config):
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         bare = completion_logps(
-            hidden, model.get_output_embeddings(), batch["input_ids"], batch["completion_mask"], chunk_size=5, topk=4
+            hidden, Head(model.get_output_embeddings().weight), batch["input_ids"], batch["completion_mask"], chunk_size=5, topk=4
         )
         assert (bare.logps - _naive_policy_logps(model, batch)).abs().max() > 0.1

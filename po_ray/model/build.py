@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from po_ray.config import TINY_MODEL, Config, ConfigError, ModelConfig
+from po_ray.config import TINY_MODEL, ConfigError, ModelConfig
+from po_ray.model.sources import HUB_NAME
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -22,10 +22,6 @@ TINY_LLAMA = dict(
     intermediate_size=128,
     max_position_embeddings=512,
 )
-
-# owner/name or name, as the hub spells repositories; anything else that is not on disk is a typo.
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
 
 def resolve_dtype(model_cfg: ModelConfig, use_gpu: bool) -> torch.dtype:
     """model.dtype -> torch dtype; ``auto`` is bf16 on GPU and fp32 on CPU."""
@@ -99,40 +95,9 @@ def _tiny_llama(model_cfg, vocab_size, pad_token_id, bos_token_id, eos_token_id,
         )
 
 
-def check_model_sources(cfg: Config) -> None:
-    """Fail on the driver, before any worker starts, when the model, reference or tokenizer cannot be found.
-
-    Reads only config.json (from the folder, the local hub cache, or the hub), so a typo costs
-    seconds instead of a cluster start-up. The tokenizer is checked for existence only.
-    """
-    sources = (("model.name_or_path", cfg.model.name_or_path), ("reference.name_or_path", cfg.reference.name_or_path),
-               ("model.tokenizer", cfg.model.tokenizer))
-    for key, name in sources:
-        if name in ("", TINY_MODEL):
-            continue
-        path = Path(name).expanduser()
-        if path.exists():
-            if key != "model.tokenizer" and not (path / "config.json").is_file():
-                raise ConfigError(f"{key}: {path} has no config.json, so it is not a Hugging Face model folder; "
-                                  "point it at a save_pretrained folder (po-ray exports one per run) or a hub name")
-            continue
-        if not _HUB_NAME.match(name):
-            raise ConfigError(f"{key}: {name!r} is not an existing folder and not a hub name like 'org/model'; "
-                              "check the path (relative paths are from the working directory)")
-        if key != "model.tokenizer":
-            try:
-                AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
-            except (OSError, ValueError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(
-                    f"{key}: {name!r} is not a local folder and the hub cannot serve it ({first}); check the name "
-                    "or the path (relative to the working directory), HF_TOKEN for gated models, and HF_HUB_OFFLINE"
-                ) from None
-
-
 def _pretrained(model_cfg: ModelConfig, vocab_size: int, dtype: torch.dtype) -> PreTrainedModel:
     path = model_cfg.name_or_path
-    if not Path(path).expanduser().exists() and not _HUB_NAME.match(path):
+    if not Path(path).expanduser().exists() and not HUB_NAME.match(path):
         raise ConfigError(
             f"model.name_or_path: {path!r} is not an existing folder and not a hub name like 'org/model'; "
             "check the path (relative paths are from the working directory)"

@@ -2,8 +2,10 @@
 
 A 35B model with a 256k vocabulary turns 8k completion tokens into an 8 GiB fp32 (tokens, vocab)
 log-softmax, more than the rest of the step needs. So only completion positions are projected, a
-chunk of them at a time, each chunk under activation checkpointing: the forward keeps one chunk's
-logits alive at a time and backward recomputes them chunk by chunk.
+chunk of them at a time, and nothing of size (tokens, vocab) is kept for backward: a chunk's
+forward takes the label log-probs and the statistics in one pass over its logits and keeps only
+the log-normalisers; backward recomputes the chunk's logits and turns them in place into their
+gradient (``_ChunkLogps``).
 
 The signals follow Shi et al. 2024 (arXiv 2410.11677), docs ALGORITHMS "Over-optimisation signals":
 at position t with next-token distribution p_t and K_t its k most likely tokens,
@@ -17,7 +19,6 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,36 @@ def token_stats(logp: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     return entropy, topk_entropy, topk_mass
 
 
+@dataclass(frozen=True)
+class Head:
+    """The LM head as the log-probs see it: ``logits = softcap(multiplier · (states @ weight.T + bias))``,
+    with ``softcap(z) = c · tanh(z / c)`` when ``softcap`` is set (Gemma 2/3) and the identity otherwise."""
+
+    weight: Tensor
+    """``(V, H)``."""
+    bias: Tensor | None = None
+    multiplier: float = 1.0
+    """Cohere's ``logit_scale``, or 1 / Granite's ``logits_scaling``."""
+    softcap: float | None = None
+
+
 def completion_logps(
     hidden: Tensor,
-    project: Callable[[Tensor], Tensor],
+    head: Head,
     input_ids: Tensor,
     completion_mask: Tensor,
     *,
     chunk_size: int,
     topk: int,
+    signals: bool = True,
 ) -> LogpOutput:
     """Sum of completion-token log-probs and signal sums per sequence: ``(N, L, H) -> LogpOutput of (N,)``.
 
-    ``hidden`` are the last hidden states, ``project`` maps ``(T, H) -> (T, V)`` logits (the LM head
-    with any logit scaling), ``input_ids`` and ``completion_mask`` are ``(N, L)``. The token at
-    position t is scored from ``hidden[:, t-1]``, so position 0 can never be a completion token.
-    At most ``chunk_size`` positions are projected at once; backward recomputes each chunk.
+    ``hidden`` are the last hidden states, ``head`` the LM head (with the model's logit scaling),
+    ``input_ids`` and ``completion_mask`` are ``(N, L)``. The token at position t is scored from
+    ``hidden[:, t-1]``, so position 0 can never be a completion token. At most ``chunk_size``
+    positions are projected at once. ``signals=False`` skips the entropy / top-k statistics (their
+    sums come back as zeros): a reference model only needs its log-probs.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (model.logprob_chunk_size), got {chunk_size}")
@@ -79,24 +95,21 @@ def completion_logps(
     states = hidden[rows, cols]
     labels = input_ids[rows, cols + 1]
 
-    use_checkpoint = torch.is_grad_enabled()
+    topk = topk if signals else 0
     token_logps, stats = [], []
     for start in range(0, labels.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
-        # The stats are filled on the first (forward) call only; backward's recompute skips them.
-        slot: list = []
-        args = (project, states[chunk], labels[chunk], topk, slot)
-        if use_checkpoint:
-            token_logps.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        if torch.is_grad_enabled():
+            token_logps.append(_ChunkLogps.apply(states[chunk], head.weight, head.bias, labels[chunk], head.multiplier,
+                                                 head.softcap, topk, stats))
         else:
-            token_logps.append(_chunk_logps(*args))
-        stats.append(slot[0])
+            token_logps.append(_chunk_forward(states[chunk], labels[chunk], head, topk, stats)[0])
 
     n = hidden.shape[0]
 
     def per_row(values: list[Tensor]) -> Tensor:
-        flat = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
-        return hidden.new_zeros(n, dtype=torch.float32).index_add(0, rows, flat)
+        zeros = hidden.new_zeros(n, dtype=torch.float32)
+        return zeros.index_add(0, rows, torch.cat(values)) if values else zeros  # none: no tokens, or signals off
 
     entropy, topk_entropy, topk_mass = (per_row([chunk_stats[i] for chunk_stats in stats]) for i in range(3))
     return LogpOutput(
@@ -108,17 +121,87 @@ def completion_logps(
     )
 
 
-def _chunk_logps(project: Callable, states: Tensor, labels: Tensor, topk: int, slot: list) -> Tensor:
-    """(c, H), (c,) -> (c,) log-probs of ``labels``; appends the chunk's (entropy, topk_entropy, topk_mass)."""
-    # fp32 log-softmax: bf16 logits lose the small differences that DPO's margins are made of.
-    logp = torch.log_softmax(project(states).float(), dim=-1)
-    if not slot:
-        with torch.no_grad():
-            slot.append(token_stats(logp.detach(), topk))
-    return logp.gather(-1, labels[:, None]).squeeze(-1)
+def _logits(states: Tensor, head: Head) -> tuple[Tensor, Tensor | None]:
+    """fp32 ``(c, V)`` logits of ``(c, H)`` states, and with a softcap its ``tanh`` (for backward).
+
+    fp32: bf16 logits lose the small differences that DPO's margins are made of. Scaling and
+    softcap are applied in place, so the chunk costs one fp32 ``(c, V)`` buffer (two with softcap).
+    """
+    logits = nn.functional.linear(states, head.weight, head.bias).float()
+    if head.multiplier != 1.0:
+        logits.mul_(head.multiplier)
+    if head.softcap is None:
+        return logits, None
+    tanh = logits.div_(head.softcap).tanh_()
+    return tanh * head.softcap, tanh
 
 
-def policy_forward(model: nn.Module, batch: dict, *, chunk_size: int, topk: int) -> LogpOutput:
+def _chunk_forward(states: Tensor, labels: Tensor, head: Head, topk: int, stats: list) -> tuple[Tensor, Tensor]:
+    """(c, H), (c,) -> log-probs of ``labels`` (c,) and the log-normaliser (c,); with ``topk`` > 0
+    appends the chunk's (entropy, topk_entropy, topk_mass) to ``stats``. One pass over the logits."""
+    logits, _ = _logits(states, head)
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    if topk:
+        stats.append(_blockwise_token_stats(logits, log_normaliser, topk))
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - log_normaliser, log_normaliser
+
+
+class _ChunkLogps(torch.autograd.Function):
+    """Log-probs of one chunk's labels, keeping only ``(c,)`` log-normalisers for backward.
+
+    Backward recomputes the chunk's logits and turns them, in place, into the gradient
+    ``g · (onehot(label) − softmax)``: one ``(c, V)`` buffer per chunk in forward and in backward,
+    where autograd through log_softmax and gather would hold four. The head's weight is read at
+    backward time: under ZeRO-3 the head's backward hook has gathered it again by then (the whole
+    chunk loop runs as the head's forward, see ``_run_as_forward_of``).
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, labels, multiplier: float, softcap, topk: int, stats: list):
+        head = Head(weight, bias, multiplier, softcap)
+        logps, log_normaliser = _chunk_forward(states, labels, head, topk, stats)
+        ctx.save_for_backward(states, labels, log_normaliser)
+        ctx.head = head
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad):
+        states, labels, log_normaliser = ctx.saved_tensors
+        head: Head = ctx.head
+        logits, tanh = _logits(states, head)
+        grad_logits = logits.sub_(log_normaliser[:, None]).exp_().mul_(-grad[:, None])  # −g · softmax
+        grad_logits[torch.arange(labels.numel(), device=labels.device), labels] += grad
+        if tanh is not None:  # d softcap(z) / dz = 1 − tanh²
+            grad_logits.mul_(tanh.square_().neg_().add_(1))
+        if head.multiplier != 1.0:
+            grad_logits.mul_(head.multiplier)
+        grad_logits = grad_logits.to(head.weight.dtype)
+        wants_states, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        return (
+            grad_logits @ head.weight if wants_states else None,
+            grad_logits.T @ states if wants_weight else None,
+            grad_logits.sum(0) if wants_bias else None,
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+# Rows of (rows, vocab) logits whose statistics are taken at once: token_stats makes a few
+# temporaries of its input's size (log-probs, exp, entr), which on a whole chunk would outweigh the
+# chunk's logits themselves; in blocks of ~16M elements they stay small next to them.
+STATS_BLOCK_ELEMENTS = 2**24
+
+
+def _blockwise_token_stats(logits: Tensor, log_normaliser: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``token_stats`` of the log-softmax of ``(T, V)`` logits, a block of rows at a time: ``3 × (T,)``."""
+    rows = max(1, STATS_BLOCK_ELEMENTS // logits.shape[-1])
+    blocks = [
+        token_stats(logits[i : i + rows] - log_normaliser[i : i + rows, None], topk)
+        for i in range(0, logits.shape[0], rows)
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*blocks))
+
+
+def policy_forward(model: nn.Module, batch: dict, *, chunk_size: int, topk: int, signals: bool = True) -> LogpOutput:
     """Completion log-probs of a Hugging Face causal LM on a collated batch: ``(2B, L) -> LogpOutput of (2B,)``.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``completion_mask``. Runs the decoder body
@@ -131,18 +214,20 @@ def policy_forward(model: nn.Module, batch: dict, *, chunk_size: int, topk: int)
     out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); a causal LM is needed")
-    head_forward, scale = head.forward, logit_scaling(model.config)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__}'s output embeddings are {type(head).__name__}, not a linear LM head")
+    multiplier, softcap = logit_scaling(model.config)
 
     def score(hidden: Tensor) -> tuple[Tensor, ...]:
+        # Inside the head's forward: under ZeRO-3 its weight is gathered here.
         result = completion_logps(
             hidden,
-            lambda states: scale(head_forward(states)),
+            Head(head.weight, head.bias, multiplier, softcap),
             batch["input_ids"],
             batch["completion_mask"],
             chunk_size=chunk_size,
             topk=topk,
+            signals=signals,
         )
         # A tuple of tensors, not the dataclass: ZeRO-3 hooks its backward re-gather onto the outputs.
         return tuple(getattr(result, f.name) for f in fields(result))
@@ -169,27 +254,13 @@ def _run_as_forward_of(module: nn.Module, fn: Callable, *args):
             module.forward = saved
 
 
-def logit_scaling(config) -> Callable[[Tensor], Tensor]:
-    """What a model's forward does to the LM head's logits, as ``(T, V) -> (T, V)``.
+def logit_scaling(config) -> tuple[float, float | None]:
+    """What a model's forward does to the LM head's logits: ``(multiplier, softcap)``.
 
     Covers Cohere (``logit_scale``), Granite (``logits_scaling``) and Gemma 2/3
     (``final_logit_softcapping``); a model that rescales logits some other way needs adding here.
     """
     config = config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    divide = getattr(config, "logits_scaling", None)
+    multiplier = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
     softcap = getattr(config, "final_logit_softcapping", None)
-    if scale is None and divide is None and softcap is None:
-        return lambda logits: logits
-
-    def apply(logits: Tensor) -> Tensor:
-        logits = logits.float()
-        if scale is not None:
-            logits = logits * scale
-        if divide is not None:
-            logits = logits / divide
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return apply
+    return multiplier, (float(softcap) if softcap else None)
