@@ -27,9 +27,10 @@ models, so this works offline) and the run config. The line items:
   per token), and backward recomputes one layer at a time: that layer's saved tensors plus the
   gradients flowing through them (counted as twice the saved tensors). Without checkpointing every
   layer keeps its saved tensors, plus one layer's worth of gradients in flight.
-- **log-prob chunk** — ``logprob_chunk_size × vocab`` logits, counted 4 times in fp32: each chunk
-  is recomputed in backward (po_ray.model.logprobs), when its log-softmax output (saved), the
-  incoming and outgoing gradients and the logits themselves (bf16, then fp32) are live together.
+- **log-prob chunk** — ``logprob_chunk_size × vocab`` logits: one fp32 buffer, plus the 16-bit
+  matmul output it is converted from (forward) or the 16-bit copy of the gradient it is turned
+  into (backward), plus with a softcap (Gemma) the fp32 ``tanh`` kept for its derivative
+  (po_ray.model.logprobs keeps nothing of this size between forward and backward).
 - **headroom** — 2 GiB for the CUDA context and NCCL communicators and workspace, plus 10 % of the
   GPU for allocator fragmentation and short-lived copies (such as the fp32 gradient of one optimiser
   sub-group that ZeRO-3 makes at the step, after activations are freed).
@@ -64,7 +65,6 @@ MASTER_AND_ADAM_BYTES = 12  # fp32 master weight + Adam m + v (mixed precision)
 FP32_ADAM_BYTES = 8  # Adam m + v when the weights themselves are fp32
 GATHERED_LAYER_BYTES_PER_PARAM = 4  # bf16 weight + bf16 gradient of the gathered module (DeepSpeed's term)
 DEEPSPEED_BYTES_PER_PARAM = 18  # what DeepSpeed's ZeRO-3 estimator budgets without offload
-LOGPROB_CHUNK_FP32_COPIES = 4
 HEADROOM_FIXED_BYTES = 2 * 2**30
 HEADROOM_PERCENT = 10
 
@@ -305,7 +305,8 @@ def plan_memory(cfg: Config, *, nodes: int, gpus_per_node: int, gpu_memory_bytes
             reference_bytes = weight_b * n_params
 
     activations_bytes = _activation_bytes(cfg, arch, weight_b)
-    logprob_chunk_bytes = cfg.model.logprob_chunk_size * arch["vocab_size"] * 4 * LOGPROB_CHUNK_FP32_COPIES
+    chunk_bytes_per_logit = 4 + (weight_b if weight_b < 4 else 0) + (4 if arch.get("final_logit_softcapping") else 0)
+    logprob_chunk_bytes = cfg.model.logprob_chunk_size * arch["vocab_size"] * chunk_bytes_per_logit
     headroom_bytes = HEADROOM_FIXED_BYTES + gpu_memory_bytes * HEADROOM_PERCENT // 100
 
     plan = MemoryPlan(

@@ -138,12 +138,26 @@ def _logits(states: Tensor, head: Head) -> tuple[Tensor, Tensor | None]:
 
 def _chunk_forward(states: Tensor, labels: Tensor, head: Head, topk: int, stats: list) -> tuple[Tensor, Tensor]:
     """(c, H), (c,) -> log-probs of ``labels`` (c,) and the log-normaliser (c,); with ``topk`` > 0
-    appends the chunk's (entropy, topk_entropy, topk_mass) to ``stats``. One pass over the logits."""
+    appends the chunk's (entropy, topk_entropy, topk_mass) to ``stats``. One pass over the logits,
+    a block of rows at a time, so that logsumexp's and the statistics' temporaries stay small."""
     logits, _ = _logits(states, head)
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    if topk:
-        stats.append(_blockwise_token_stats(logits, log_normaliser, topk))
+    rows = max(1, ROW_BLOCK_ELEMENTS // logits.shape[-1])
+    block_normalisers, block_stats = [logits.new_zeros(0)], []
+    for i in range(0, logits.shape[0], rows):
+        block = logits[i : i + rows]
+        block_normalisers.append(torch.logsumexp(block, dim=-1))
+        if topk:
+            block_stats.append(token_stats(block - block_normalisers[-1][:, None], topk))
+    log_normaliser = torch.cat(block_normalisers)
+    if block_stats:
+        stats.append(tuple(torch.cat(parts) for parts in zip(*block_stats)))
     return logits.gather(-1, labels[:, None]).squeeze(-1) - log_normaliser, log_normaliser
+
+
+# Rows of (rows, vocab) logits taken at once by logsumexp and token_stats, each of which makes a
+# few temporaries of its input's size (exp, entr, ...): over a whole chunk those would outweigh
+# the chunk's logits themselves; in blocks of ~16M elements they stay small next to them.
+ROW_BLOCK_ELEMENTS = 2**24
 
 
 class _ChunkLogps(torch.autograd.Function):
@@ -168,8 +182,8 @@ class _ChunkLogps(torch.autograd.Function):
     def backward(ctx, grad):
         states, labels, log_normaliser = ctx.saved_tensors
         head: Head = ctx.head
-        logits, tanh = _logits(states, head)
-        grad_logits = logits.sub_(log_normaliser[:, None]).exp_().mul_(-grad[:, None])  # −g · softmax
+        grad_logits, tanh = _logits(states, head)  # turned into the gradient in place, step by step
+        grad_logits.sub_(log_normaliser[:, None]).exp_().mul_(-grad[:, None])  # −g · softmax
         grad_logits[torch.arange(labels.numel(), device=labels.device), labels] += grad
         if tanh is not None:  # d softcap(z) / dz = 1 − tanh²
             grad_logits.mul_(tanh.square_().neg_().add_(1))
@@ -183,22 +197,6 @@ class _ChunkLogps(torch.autograd.Function):
             grad_logits.sum(0) if wants_bias else None,
             None, None, None, None, None,
         )  # fmt: skip
-
-
-# Rows of (rows, vocab) logits whose statistics are taken at once: token_stats makes a few
-# temporaries of its input's size (log-probs, exp, entr), which on a whole chunk would outweigh the
-# chunk's logits themselves; in blocks of ~16M elements they stay small next to them.
-STATS_BLOCK_ELEMENTS = 2**24
-
-
-def _blockwise_token_stats(logits: Tensor, log_normaliser: Tensor, topk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``token_stats`` of the log-softmax of ``(T, V)`` logits, a block of rows at a time: ``3 × (T,)``."""
-    rows = max(1, STATS_BLOCK_ELEMENTS // logits.shape[-1])
-    blocks = [
-        token_stats(logits[i : i + rows] - log_normaliser[i : i + rows, None], topk)
-        for i in range(0, logits.shape[0], rows)
-    ]
-    return tuple(torch.cat(parts) for parts in zip(*blocks))
 
 
 def policy_forward(model: nn.Module, batch: dict, *, chunk_size: int, topk: int, signals: bool = True) -> LogpOutput:
