@@ -5,10 +5,12 @@ hyperparameter grid, not by the best cell: the headline is the share of a method
 within ε of the best score any method reached — the chance that an untuned run is good.
 
 Reads what Ray Tune leaves in the study folder, with no Ray import:
-  <study_dir>/**/<trial folder>/params.json   the trial's config (Tune's param_space point)
-  <study_dir>/**/<trial folder>/result.json   one JSON object per reported result (per step)
+  <study_dir>/**/<trial folder>/params.json   the trial's point of the param_space, with its ``method``
+  <study_dir>/**/<trial folder>/result.json   one JSON object per report: the reported metrics plus
+                                              Tune's fields (trial_id, training_iteration, config, …)
   <study_dir>/stops.json                      {trial_id: {reason, step, detail}} from CollapseStopper
-A trial folder is one whose results (or params) name the trial's ``method``.
+A trial folder is one whose params (or the ``config`` of its results) name the trial's ``method``;
+the folder's name is the trial's name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 STOPS_FILE = "stops.json"
+STOP_FILE = "stop.json"  # trials/<trial>/stop.json: the one trial's {reason, step, detail}
 REPORT_DIR = "report"
 CONFIG_PREFIX = "config/"  # trial params become config/<dotted key> columns, as in Tune's dataframes
 SEED_KEY = "train.seed"
@@ -39,7 +42,7 @@ TUNE_FIELDS = frozenset(
         "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp", "date",
         "timesteps_total", "timesteps_since_restore", "iterations_since_restore", "episodes_total",
         "node_ip", "hostname", "pid", "done", "should_checkpoint", "checkpoint_dir_name", "experiment_id",
-        "experiment_tag", "trainable_name", "trial_id", "config", "method", "trial_name", "step",
+        "experiment_tag", "trainable_name", "trial_id", "config", "step",
     }
 )  # fmt: skip
 _TRIAL_COLUMNS = ("trial_id", "trial_name", "method", "trial_dir", "steps", "stopped", "stop_reason", "stop_step")
@@ -82,8 +85,8 @@ def _read_study(study_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             trials.append(trial)
     if not trials:
-        why = f"; folders with result.json but no `method` field: {', '.join(skipped)}" if skipped else ""
-        raise ReportError(f"{study_dir}: no trial folders (result.json whose results name the method){why}")
+        why = f"; folders with result.json but no `method` in their params: {', '.join(skipped)}" if skipped else ""
+        raise ReportError(f"{study_dir}: no trial folders (result.json next to params.json naming the method){why}")
     df = pd.DataFrame([row for row, _ in trials])
     front = list(_TRIAL_COLUMNS)
     config_cols = sorted(c for c in df.columns if c.startswith(CONFIG_PREFIX))
@@ -101,12 +104,11 @@ def _read_trial(trial_dir: Path, stops: dict[str, dict]) -> tuple[dict, pd.DataF
     else:  # Tune also copies the config into every result
         params = next((r["config"] for r in reversed(results) if isinstance(r.get("config"), dict)), {})
     params = _flatten(params, ".")
-    method_param = params.pop("method", None)  # a sweep may also put the method in the config
-    method = next((r["method"] for r in results if isinstance(r.get("method"), str)), method_param)
+    method = params.pop("method", None)  # the sweep puts the method into every trial's config
     if not isinstance(method, str):
         return None
     trial_id = next((str(r["trial_id"]) for r in results if r.get("trial_id") is not None), trial_dir.name)
-    trial_name = next((r["trial_name"] for r in results if isinstance(r.get("trial_name"), str)), trial_dir.name)
+    trial_name = trial_dir.name
 
     steps, metrics = [], []
     for i, r in enumerate(results):

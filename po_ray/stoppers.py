@@ -51,7 +51,8 @@ class CollapseDetector:
     """Decide, one report at a time, whether a trial has collapsed, diverged or produced NaN.
 
     Rules, in the order they are checked on each report:
-      1. loss is NaN or ±inf -> ``nan_loss`` at once;
+      1. loss is NaN or ±inf, or ``skipped_steps`` (the loop's count of steps it skipped for a
+         NaN/inf loss or gradient, which report no loss) has risen -> ``nan_loss`` at once;
       2. loss > ``divergence_factor`` × the first finite loss -> ``divergence`` at once
          (only when that first loss is > 0: a ratio to a non-positive loss means nothing);
       3. each watched signal (``signal``: topk_entropy, topk_mass or both) is smoothed by an EMA,
@@ -68,6 +69,7 @@ class CollapseDetector:
         watched = ("topk_entropy", "topk_mass") if settings.signal == "both" else (settings.signal,)
         self._signals = {name: _SignalState() for name in watched}
         self._first_loss: float | None = None
+        self._skipped = 0
         self.decision: StopDecision | None = None
 
     def update(
@@ -76,14 +78,23 @@ class CollapseDetector:
         loss: float | None = None,
         topk_entropy: float | None = None,
         topk_mass: float | None = None,
+        skipped_steps: int | None = None,
     ) -> StopDecision | None:
         """Feed one report; return the StopDecision that stops the trial, or None to go on."""
         if self.decision is not None:
             return self.decision
-        self.decision = self._check_loss(step, loss) or self._check_signals(
+        self.decision = self._check_skipped(step, skipped_steps) or self._check_loss(step, loss) or self._check_signals(
             step, {"topk_entropy": topk_entropy, "topk_mass": topk_mass}
         )
         return self.decision
+
+    def _check_skipped(self, step: int, skipped_steps: int | None) -> StopDecision | None:
+        if skipped_steps is None or int(skipped_steps) <= self._skipped:
+            return None
+        new, self._skipped = int(skipped_steps) - self._skipped, int(skipped_steps)
+        # A count, not a flag: with train.report_every > 1 the skipped step may lie between reports.
+        return StopDecision("nan_loss", step, f"{new} step(s) skipped for a non-finite loss or gradient by step {step} "
+                                               f"({self._skipped} in all)")
 
     def _check_loss(self, step: int, loss: float | None) -> StopDecision | None:
         if loss is None:
@@ -137,9 +148,9 @@ class CollapseDetector:
 class CollapseStopper(Stopper):
     """Ray Tune stopper: one CollapseDetector per trial, fed each reported result.
 
-    Reads ``result["step"]`` (else ``result["training_iteration"]``), ``loss``, ``topk_entropy``
-    and ``topk_mass`` (``gen/topk_*`` with ``source: generation``); any of the last three may be
-    absent from a report. Never stops the whole
+    Reads ``result["step"]`` (else ``result["training_iteration"]``), ``loss``, ``skipped_steps``,
+    ``topk_entropy`` and ``topk_mass`` (``gen/topk_*`` with ``source: generation``); any but the
+    step may be absent from a report. Never stops the whole
     experiment. ``decisions`` maps trial_id -> StopDecision for every trial it stopped.
     """
 
@@ -157,6 +168,7 @@ class CollapseStopper(Stopper):
             loss=result.get("loss"),
             topk_entropy=result.get(prefix + "topk_entropy"),
             topk_mass=result.get(prefix + "topk_mass"),
+            skipped_steps=result.get("skipped_steps"),
         )
         if decision is None:
             return False

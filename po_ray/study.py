@@ -65,7 +65,7 @@ class Dimension:
 @dataclass(frozen=True)
 class MethodSpace:
     name: str
-    """Method name; trials report it as their fixed `method` field."""
+    """Method name; every trial's Tune config (params.json) carries it as `method`."""
     path: Path | None
     """The YAML it came from (None when built in code)."""
     fixed: dict = field(default_factory=dict)

@@ -12,13 +12,14 @@ The recipe, top to bottom (``run_study``):
   4. per method, one Tune ``Tuner`` (its own experiment folder and, with ``stopping.asha``, its own
      ASHA brackets, so methods are never cut against each other's scores) whose trainable is a
      driver function: it builds the trial's ``TorchTrainer`` (ZeRO-3 workers) and forwards every
-     Train report to Tune, where ``CollapseStopper`` watches top-k entropy / mass, NaN and divergence;
-  5. record why and at which step each stopped trial stopped (stops.json, its MLflow child run),
-     write the report (Markdown, CSV, plots) and log it to the parent run.
+     Train report to Tune, where ``CollapseStopper`` watches top-k entropy / mass, NaN and divergence
+     and records each stop as it decides it (``StopLog``: stops.json, the trial's stop.json, its
+     MLflow child run);
+  5. write the report (Markdown, CSV, plots) and log it to the parent run.
 
 The study folder (``<storage_path>/<name>``) holds everything: ``study.json`` (what ran, for
 --resume and ``po-ray report``), one Tune experiment per method (``<method>/<trial>/result.json``),
-the trials' Train runs (``trials/<trial>/``: checkpoints, ledger, summary), the reference cache
+the trials' Train runs (``trials/<trial>/``: checkpoints, ledger, summary, stop.json), the reference cache
 and its runs, the MLflow store (unless a server is given), ``stops.json`` and ``report/``.
 """
 
@@ -45,7 +46,7 @@ from po_ray.launch import build_trainer, check_storage, ensure_ray
 from po_ray.losses import build_loss, loss_needs_reference
 from po_ray.losses.registry import import_loss_plugins
 from po_ray.reference import reference_identity, resolve_strategy
-from po_ray.report import REPORT_DIR, STOPS_FILE, ReportError, write_report
+from po_ray.report import REPORT_DIR, STOP_FILE, STOPS_FILE, ReportError, write_report
 from po_ray.stoppers import CollapseStopper, StopDecision
 from po_ray.study import SEED_KEY, MethodSpace, StudyError, StudySpec, count_trials, load_study, to_tune_space, trial_overrides
 
@@ -61,7 +62,6 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.2"
 # A key under these sections changes what the reference pass computes (see reference_identity).
 _REFERENCE_SECTIONS = ("model.", "data.", "reference.")
-REPORT_EVERY_KEY = "train.report_every"
 _NON_FINITE = re.compile(r"non-finite (?:loss|gradient) at step (\d+)")
 
 
@@ -113,21 +113,12 @@ def for_study(cfg: Config, study_dir: Path, run_name: str, tracking_uri: str) ->
 def trial_config(study: StudySpec, method: MethodSpace, params: dict, *, study_dir: Path, run_name: str,
                  tracking_uri: str) -> Config:
     """The run config of one trial: base config, the method's fixed values, the point ``params``
-    (Tune's config, with or without its ``method`` field), then the study's shared places. Unless
-    the study or the method sets train.report_every, the trial reports every step to Tune."""
+    (Tune's config, with or without its ``method`` field), then the study's shared places.
+    train.report_every is the config's own: each report is a barrier over all workers, and the
+    stopper counts reports, so ``patience`` reports span patience × report_every steps."""
     point = {k: v for k, v in params.items() if k != "method"}
     cfg = load_config(study.base_config, trial_overrides(study, method, point))
-    if not _study_sets(study, method, REPORT_EVERY_KEY):
-        # The stopper judges a trial report by report: it must see every step's signals.
-        cfg = replace(cfg, train=replace(cfg.train, report_every=1))
     return for_study(cfg, study_dir, run_name, tracking_uri)
-
-
-def _study_sets(study: StudySpec, method: MethodSpace, key: str) -> bool:
-    """Whether the study file (base_overrides, command-line overrides) or the method sets ``key``."""
-    return key in method.fixed or key in method.space or any(
-        o.partition("=")[0].strip() == key for o in study.base_overrides
-    )
 
 
 def probe_points(method: MethodSpace, seeds: typing.Sequence[int]) -> list[dict]:
@@ -158,6 +149,7 @@ def plan_study(study: StudySpec, study_dir: Path, tracking_uri: str) -> list[Ref
                 import_loss_plugins(cfg)
                 build_loss(cfg.loss)
                 resolve_strategy(cfg)
+                check_reports(study, cfg)
             except ValueError as e:  # ConfigError, StudyError and the loss registry's errors
                 where = ", ".join(f"{k}={v}" for k, v in point.items())
                 raise StudyError(f"{study.path}: method {method.name} at {where}: {e}") from None
@@ -173,29 +165,78 @@ def plan_study(study: StudySpec, study_dir: Path, tracking_uri: str) -> list[Ref
     return passes
 
 
+def check_reports(study: StudySpec, cfg: Config) -> None:
+    """Raise StudyError when a value the study needs from Tune is computed between reports.
+
+    A trial hands its metrics to Tune only every train.report_every steps (and at checkpoints and
+    its last step), so an eval/ score from train.eval_every, or a gen/ score or stopping signal from
+    eval.every_steps, computed on other steps would never reach the score, ASHA or the stopper.
+    """
+    needs = []
+    if study.score.metric.startswith("eval/"):
+        needs.append(("train.eval_every", cfg.train.eval_every, f"score.metric {study.score.metric}"))
+    if study.score.metric.startswith("gen/"):
+        needs.append(("eval.every_steps", cfg.eval.every_steps, f"score.metric {study.score.metric}"))
+    elif cfg.early_stopping.source == "generation":
+        needs.append(("eval.every_steps", cfg.eval.every_steps, "stopping.source generation"))
+    every = cfg.train.report_every
+    for key, value, what in needs:
+        if value and value % every:
+            raise StudyError(
+                f"{what} is measured every {key}={value} steps, but trials report to Tune every "
+                f"train.report_every={every} steps, so most of those values never reach Tune; make {key} a "
+                f"multiple of train.report_every (in base_overrides, or the method's fixed)"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Why trials stopped
 
 
 class StopLog:
-    """stops.json of a study, ``{trial_id: {reason, step, detail}}`` (as ``CollapseStopper.save``
-    writes and ``po_ray.report`` reads). Every record re-reads and rewrites the file, so stops of an
-    earlier session of a resumed study are kept, and a stop is on disk the moment it is decided."""
+    """Where a study records each trial it stops, the moment it decides: ``stops.json`` of the
+    study, ``{trial_id: {reason, step, detail}}`` (as ``CollapseStopper.save`` writes and
+    ``po_ray.report`` reads), ``trials/<trial>/stop.json`` in the trial's own run folder, and with
+    ``tracking`` = (tracking URI, experiment) the trial's MLflow child run: tagged stop_reason,
+    stop_step, stop_detail and ended KILLED (its workers are killed mid-run, so nobody else ends it).
+    Failed trials' child runs are tagged with the error and ended FAILED the same way.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    Every record re-reads and rewrites stops.json, so stops of an earlier session of a resumed
+    study are kept, and a stop is on disk even if the study is interrupted right after."""
+
+    def __init__(self, study_dir: str | os.PathLike, tracking: tuple[str, str] | None = None):
+        self.study_dir, self.tracking = Path(study_dir), tracking
+        self.path = self.study_dir / STOPS_FILE
 
     def read(self) -> dict[str, StopDecision]:
         return CollapseStopper.load(self.path) if self.path.is_file() else {}
 
-    def record(self, trial_id: str, decision: StopDecision) -> None:
+    def record(self, trial_id: str, decision: StopDecision, trial: str | None = None) -> None:
+        """``trial``: the trial's name (its run folder under trials/), when known."""
         stops = self.read()
         if trial_id in stops:
             return
         stops[trial_id] = decision
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({k: dataclasses.asdict(v) for k, v in stops.items()}, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        _write_json(self.path, {k: dataclasses.asdict(v) for k, v in sorted(stops.items())})
+        if trial:
+            _write_json(self.study_dir / TRIALS_DIR / trial / STOP_FILE, dataclasses.asdict(decision))
+            self._end_child(trial, {"stop_reason": decision.reason, "stop_step": decision.step,
+                                    "stop_detail": decision.detail}, "KILLED")
+
+    def record_failure(self, trial: str, error: str) -> None:
+        self._end_child(trial, {"error": error}, "FAILED")
+
+    def _end_child(self, trial: str, tags: dict, status: str) -> None:
+        run_dir = self.study_dir / TRIALS_DIR / trial
+        id_file = run_dir / "mlflow_run_id"
+        if self.tracking is None or not id_file.is_file():
+            return
+        from po_ray.tracking import Tracker
+
+        # No start(): that would mark the run RUNNING first. The first record resumes it.
+        child = Tracker(*self.tracking, trial, run_id=id_file.read_text().strip(), fallback_dir=run_dir)
+        child.set_tags(tags)
+        child.end(status)
 
 
 class StudyStopper(CollapseStopper):
@@ -213,7 +254,8 @@ class StudyStopper(CollapseStopper):
             self.decisions.pop(trial_id)
             return False
         if stop:
-            self.log.record(trial_id, self.decisions[trial_id])
+            method = (result.get("config") or {}).get("method")
+            self.log.record(trial_id, self.decisions[trial_id], _trial_name(method, trial_id) if method else None)
         return stop
 
 
@@ -230,7 +272,7 @@ class RecordingASHA(AsyncHyperBandScheduler):
         if action == TrialScheduler.STOP:
             step = int(result.get("step", result.get("training_iteration", 0)))
             detail = f"{self._metric} {result[self._metric]:.4g} at step {step} is below ASHA's cut-off at this rung"
-            self.log.record(trial.trial_id, StopDecision("asha", step, detail))
+            self.log.record(trial.trial_id, StopDecision("asha", step, detail), trial_name(trial))
         return action
 
 
@@ -251,12 +293,31 @@ def _asha(study: StudySpec, log: StopLog) -> RecordingASHA:
 # Progress
 
 
-class StudyProgress(tune.Callback):
-    """One line whenever a trial starts, ends or the best score changes:
-    ``[po-ray] dpo: 1 running, 2 done, 1 stopped early, 0 failed, 4 waiting | best <score> 0.81 (trial)``."""
+@dataclass(frozen=True)
+class Tally:
+    """Trials of the study's other methods: those already run, and those still to run (waiting)."""
 
-    def __init__(self, method: str, total: int, metric: str, mode: str, log: StopLog):
+    done: int = 0
+    stopped: int = 0
+    failed: int = 0
+    waiting: int = 0
+    best: tuple[float, str] | None = None
+    """(score, trial name) of the best trial of the methods already run."""
+
+
+class StudyProgress(tune.Callback):
+    """Lines whenever a trial starts, ends or the best score changes: what happened, the counts of
+    this method's trials, and (with ``others``, the tally of the study's other methods) of the
+    whole study, each with its best score so far::
+
+        [po-ray] dpo: dpo_t3 started
+        [po-ray] dpo: 1 running, 1 done, 1 stopped early, 0 failed, 1 waiting | best <score> 0.81 (dpo_t1)
+        [po-ray] study: 1 running, 5 done, 2 stopped early, 0 failed, 8 waiting | best <score> 0.84 (simpo_t2)
+    """
+
+    def __init__(self, method: str, total: int, metric: str, mode: str, log: StopLog, others: Tally | None = None):
         self.method, self.total, self.metric, self.mode, self.log = method, total, metric, mode, log
+        self.others = others
         self.latest: dict[str, tuple[float, str]] = {}  # trial_id -> (its last score, its name)
         self.best: tuple[float, str] | None = None
 
@@ -268,8 +329,7 @@ class StudyProgress(tune.Callback):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return
         self.latest[trial.trial_id] = (float(value), str(trial))
-        pick = max if self.mode == "max" else min
-        best = pick(self.latest.values(), key=lambda v: v[0])
+        best = self._pick(self.latest.values())
         if best != self.best:
             self.best = best
             self._say(trials, f"{trial} step {result.get('step')}: {self.metric} {value:.4g}")
@@ -280,7 +340,13 @@ class StudyProgress(tune.Callback):
         self._say(trials, f"{trial} {what}", {trial.trial_id: "TERMINATED"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        error = (trial.get_error() or "unknown error").strip().splitlines()
+        self.log.record_failure(str(trial), error[-1][:500] if error else "unknown error")
         self._say(trials, f"{trial} failed; its error is in {trial.local_path}/error.txt", {trial.trial_id: "ERROR"})
+
+    def _pick(self, scored) -> tuple[float, str] | None:
+        scored = list(scored)
+        return (max if self.mode == "max" else min)(scored, key=lambda v: v[0]) if scored else None
 
     def _say(self, trials, event: str, now: dict[str, str] | None = None) -> None:
         """``now``: statuses Tune sets only after calling back (the trial the event is about)."""
@@ -292,14 +358,50 @@ class StudyProgress(tune.Callback):
         counts = {"running": status.count("RUNNING"), "done": len(ended) - stopped, "stopped early": stopped,
                   "failed": status.count("ERROR")}
         counts["waiting"] = max(self.total - sum(counts.values()), 0)
-        best = f" | best {self.metric} {self.best[0]:.4g} ({self.best[1]})" if self.best else ""
-        print(f"[po-ray] {self.method}: {event}\n[po-ray] {self.method}: "
-              + ", ".join(f"{n} {k}" for k, n in counts.items()) + best, flush=True)
+        lines = [f"{self.method}: {event}", f"{self.method}: {self._counts(counts, self.best)}"]
+        if self.others is not None:
+            o = self.others
+            study = {"running": counts["running"], "done": counts["done"] + o.done,
+                     "stopped early": counts["stopped early"] + o.stopped, "failed": counts["failed"] + o.failed,
+                     "waiting": counts["waiting"] + o.waiting}
+            best = self._pick(b for b in (self.best, o.best) if b is not None)
+            lines.append(f"study: {self._counts(study, best)}")
+        print("\n".join(f"[po-ray] {line}" for line in lines), flush=True)
+
+    def _counts(self, counts: dict, best: tuple[float, str] | None) -> str:
+        text = ", ".join(f"{n} {k}" for k, n in counts.items())
+        return text + (f" | best {self.metric} {best[0]:.4g} ({best[1]})" if best else "")
+
+
+def tally(results, stops: dict[str, StopDecision], metric: str, mode: str, waiting: int = 0) -> Tally:
+    """The Tally of finished Tune results (their ResultGrids' Result objects); a trial's score is
+    its last finite reported value of ``metric``."""
+    counts = {"done": 0, "stopped": 0, "failed": 0}
+    scored = []
+    for result in results:
+        name = Path(result.path).name
+        if result.error is not None:
+            counts["failed"] += 1
+        elif name.removeprefix(f"{result.config['method']}_") in stops:
+            counts["stopped"] += 1
+        else:
+            counts["done"] += 1
+        frame = result.metrics_dataframe
+        values = frame[metric].dropna() if frame is not None and metric in frame else ()
+        values = [float(v) for v in values if math.isfinite(float(v))]
+        if values:
+            scored.append((values[-1], name))
+    pick = max if mode == "max" else min
+    return Tally(**counts, waiting=waiting, best=pick(scored, key=lambda v: v[0]) if scored else None)
 
 
 def trial_name(trial) -> str:
     """Tune trial (and folder) name: ``<method>_<trial id>``; also the trial's Train run name."""
-    return f"{trial.config['method']}_{trial.trial_id}"
+    return _trial_name(trial.config["method"], trial.trial_id)
+
+
+def _trial_name(method: str, trial_id: str) -> str:
+    return f"{method}_{trial_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,9 +420,12 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
     """Tune trainable: build this trial's TorchTrainer (its own ZeRO-3 worker group, reserving
     its own resources) and fit it; TuneReportCallback passes each Train report on to Tune.
 
-    A run that ends on a non-finite loss (the loop stops before the NaN reaches the weights) is
-    reported to Tune as a NaN loss at that step, so the stopper records it as ``nan_loss``
-    instead of the trial failing.
+    A run that ends on a non-finite loss or gradient (the loop stops before the NaN reaches the
+    weights) is reported to Tune as a NaN loss at that step, so the stopper records it as
+    ``nan_loss`` at once instead of the trial failing. Ray Train would restart the workers on any
+    error, that one too (from the last checkpoint, into the same NaN), so Train itself retries
+    nothing here: this function re-fits after other errors, up to run.max_failures times, and the
+    new fit continues from the run's last checkpoint.
 
     When Tune stops the trial, the Train controller goes with it (it runs in the trial's
     placement group) and Ray Train's placement-group cleaner frees the workers; that cleaner
@@ -336,14 +441,23 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
         "parent_run_id": setup.parent_run_id,
         "tags": {"method": method.name, "po_ray.study": study.name, "po_ray.trial_id": context.get_trial_id()},
     }
-    trainer = build_trainer(cfg, loop_extra=loop_extra, callbacks=[TuneReportCallback()])
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is the loop's non-finite-loss stop
-        step = non_finite_step(e)
-        if step is None:
-            raise
-        tune.report({"step": step, "loss": math.nan})
+    once = replace(cfg, run=replace(cfg.run, max_failures=0))
+    for failures in itertools.count(1):
+        trainer = build_trainer(once, loop_extra=loop_extra, callbacks=[TuneReportCallback()])
+        try:
+            trainer.fit()
+            return
+        except Exception as e:  # noqa: BLE001 - re-raised once run.max_failures is spent
+            step = non_finite_step(e)
+            if step is not None:
+                tune.report({"step": step, "loss": math.nan})
+                return
+            limit = cfg.run.max_failures
+            if limit != -1 and failures > limit:
+                raise
+            last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+            print(f"[po-ray] {name}: its Ray Train run failed ({last[0][:300]}); restart {failures} of "
+                  f"{'unlimited' if limit == -1 else limit} (run.max_failures), from its last checkpoint", flush=True)
 
 
 def non_finite_step(error: BaseException) -> int | None:
@@ -415,11 +529,13 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
         build_trainer(p.config, loop_extra={"precompute_only": True}).fit()
 
     # ---- one Tuner per method -----------------------------------------------------------------
-    log = StopLog(study_dir / STOPS_FILE)
+    log = StopLog(study_dir, (tracking_uri, study.config.tracking.experiment_name) if parent else None)
     setup = TrialSetup(study, str(study_dir), tracking_uri, manifest["parent_run_id"])
     results = []
-    for method in study.methods:
-        grid = _tuner(study, method, study_dir, setup, log).fit()
+    for i, method in enumerate(study.methods):
+        later = count_trials(replace(study, methods=study.methods[i + 1:]))
+        others = tally(results, log.read(), study.score.metric, study.score.mode, later)
+        grid = _tuner(study, method, study_dir, setup, log, others if len(study.methods) > 1 else None).fit()
         results += list(grid)
         if _unfinished(study_dir / method.name):
             print(f"[po-ray] study interrupted; continue it with: po-ray sweep --study {study_path} --resume",
@@ -429,9 +545,7 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
             return {"study_dir": str(study_dir), "report": {}, "tracking_uri": manifest["tracking_uri"],
                     "parent_run_id": manifest["parent_run_id"], "interrupted": True}
 
-    # ---- stops into the trials' MLflow runs, the report into the parent's ---------------------
-    if parent:
-        _close_trial_runs(study_dir, results, log.read(), study.config.tracking.experiment_name, tracking_uri)
+    # ---- the report, into the parent run --------------------------------------------------------
     try:
         paths = _report(study_dir, manifest, parent)
     except ReportError as e:  # e.g. every trial stopped before its first score
@@ -445,7 +559,8 @@ def run_study(study_path: str | os.PathLike, overrides: typing.Sequence[str] = (
 
 
 def report_study(study_dir: str | os.PathLike) -> dict[str, str]:
-    """(Re)write the report of a study folder and log it to the study's MLflow parent run (if any);
+    """(Re)write the report of a study folder and log it to the study's MLflow parent run (if any),
+    leaving that run's status as it is (RUNNING while the study runs, KILLED if it was interrupted);
     returns {name: path} of the files written."""
     study_dir = Path(study_dir).expanduser().resolve()
     manifest = _read_json(study_dir / STUDY_FILE)
@@ -455,17 +570,14 @@ def report_study(study_dir: str | os.PathLike) -> dict[str, str]:
     if manifest.get("parent_run_id"):
         from po_ray.tracking import Tracker
 
+        # No start() or end(): those would set the run's status. The first record resumes the run.
         parent = Tracker(manifest["tracking_uri"], manifest["experiment_name"], study_dir.name,
                          run_id=manifest["parent_run_id"], fallback_dir=study_dir)
-        parent.start()
-    try:
-        return {k: str(v) for k, v in _report(study_dir, manifest, parent).items()}
-    finally:
-        if parent:
-            parent.end()
+    return {k: str(v) for k, v in _report(study_dir, manifest, parent).items()}
 
 
-def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialSetup, log: StopLog) -> tune.Tuner:
+def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialSetup, log: StopLog,
+           others: Tally | None) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), driver_resources(study))
     path = study_dir / method.name
     if tune.Tuner.can_restore(str(path)):
@@ -486,7 +598,7 @@ def _tuner(study: StudySpec, method: MethodSpace, study_dir: Path, setup: TrialS
             name=method.name,
             storage_path=str(study_dir),
             stop=StudyStopper(study.stopping, log, _max_steps(study)),
-            callbacks=[StudyProgress(method.name, total, study.score.metric, study.score.mode, log)],
+            callbacks=[StudyProgress(method.name, total, study.score.metric, study.score.mode, log, others)],
             verbose=0,  # StudyProgress says what matters; Tune's tables would repeat it
         ),
     )
@@ -539,27 +651,6 @@ def _parent_run(study: StudySpec, study_dir: Path, tracking_uri: str, run_id: st
         parent.log_dict({m.name: {"fixed": m.fixed, "space": {k: dataclasses.asdict(d) for k, d in m.space.items()},
                                   "num_samples": m.num_samples} for m in study.methods}, "study/methods.json")
     return parent
-
-
-def _close_trial_runs(study_dir: Path, results, stops: dict[str, StopDecision], experiment: str, uri: str) -> None:
-    """Tag each stopped trial's child run with why and when (its workers were killed mid-run, so
-    nobody ended it), and each failed one with its error."""
-    from po_ray.tracking import Tracker
-
-    for result in results:
-        name = Path(result.path).name
-        id_file = study_dir / TRIALS_DIR / name / "mlflow_run_id"
-        stop = stops.get(str(result.metrics.get("trial_id") or name.removeprefix(f"{result.config['method']}_")))
-        if not id_file.is_file() or (stop is None and result.error is None):
-            continue
-        child = Tracker(uri, experiment, name, run_id=id_file.read_text().strip())
-        child.start()
-        if stop is not None:
-            child.set_tags({"stop_reason": stop.reason, "stop_step": stop.step, "stop_detail": stop.detail})
-            child.end("KILLED")
-        else:
-            child.set_tags({"error": str(result.error).strip().splitlines()[-1][:500]})
-            child.end("FAILED")
 
 
 def _report(study_dir: Path, manifest: dict, parent) -> dict[str, Path]:

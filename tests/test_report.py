@@ -40,14 +40,15 @@ TRIALS = {
 SCORES = {"dpo": [0.80, 0.62, 0.70, 0.55], "ln_dpo": [0.74, 0.79], "simpo": [0.78, 0.76, 0.50]}
 
 
-def tune_result(step, trial_id, trial_name, method, params, extra):
-    """One line of Tune's result.json: our reported fields plus the fields Tune adds."""
+def tune_result(step, trial_id, params, extra):
+    """One line of Tune's result.json as Ray Tune 2.60 writes it for a sweep trial: the fields the
+    trial reported, then the ones Tune adds (its config is the trial's params, `method` included)."""
     return {
         "step": step,
-        "method": method,
-        "trial_name": trial_name,
         **extra,
+        "skipped_steps": 0,
         "timestamp": 1700000000 + step,
+        "checkpoint_dir_name": None,
         "done": False,
         "training_iteration": step,
         "trial_id": trial_id,
@@ -72,18 +73,18 @@ def signal(step, stop):
 
 @pytest.fixture
 def study(tmp_path):
-    """A study folder laid out as Tune leaves it: <study>/<experiment>/<trial folder>/{params,result}.json."""
+    """A study folder laid out as a sweep leaves it: one Tune experiment per method,
+    <study>/<method>/<method>_<trial id>/{params,result}.json."""
     root = tmp_path / "robustness-test"
     stops = {}
     n = 0
     for method, trials in TRIALS.items():
         for params, final, stop in trials:
             trial_id = f"abc12_{n:05d}"
-            tag = ",".join(f"{k}={v}" for k, v in params.items())
-            trial_name = f"driver_{trial_id}"
-            folder = root / "driver_2025-01-01" / f"driver_{trial_id}_{n}_{tag}"
+            folder = root / method / f"{method}_{trial_id}"
             folder.mkdir(parents=True)
-            (folder / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
+            params = {"method": method, **params, "train.seed": 0}
+            (folder / "params.json").write_text(json.dumps(params, indent=2))
             last_step = stop[1] if stop else MAX_STEPS
             evals = [s for s in (5, 10, 15, 20) if s <= last_step]
             lines = []
@@ -93,14 +94,14 @@ def study(tmp_path):
                 if step in evals and final is not None:
                     extra[SCORE] = round(final - 0.1 * (len(evals) - 1 - evals.index(step)), 6)
                     extra["eval/loss"] = 0.6
-                lines.append(json.dumps(tune_result(step, trial_id, trial_name, method, params, extra)))
+                lines.append(json.dumps(tune_result(step, trial_id, params, extra)))
             (folder / "result.json").write_text("\n".join(lines) + "\n")
             if stop:
                 stops[trial_id] = {"reason": stop[0], "step": stop[1], "detail": "synthetic"}
             n += 1
     (root / "stops.json").write_text(json.dumps(stops))
-    # A Ray Train run nested in the study folder reports no `method`: not a trial.
-    nested = root / "train_runs" / "TorchTrainer_x"
+    # A folder with a result.json whose params name no `method` (e.g. a Ray Train run's) is not a trial.
+    nested = root / "trials" / "TorchTrainer_x"
     nested.mkdir(parents=True)
     (nested / "params.json").write_text("{}")
     (nested / "result.json").write_text(json.dumps({"loss": 1.0, "training_iteration": 1}) + "\n")
@@ -112,6 +113,7 @@ def test_load_trials(study):
     assert len(trials) == 10
     assert list(trials["method"]) == ["dpo"] * 4 + ["ln_dpo"] * 2 + ["simpo"] * 4
     first = trials.iloc[0]
+    assert (first["trial_id"], first["trial_name"]) == ("abc12_00000", "dpo_abc12_00000")  # the folder's name
     assert (first["config/loss.beta"], first["config/optimizer.lr"]) == (0.1, 1e-4)
     assert first[SCORE] == pytest.approx(0.80)  # the last reported value, not the first (0.50)
     assert first["steps"] == MAX_STEPS and not first["stopped"]
@@ -229,12 +231,14 @@ def test_errors(tmp_path):
         load_trials(tmp_path / "nope")
     folder = tmp_path / "s" / "t"
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"loss": 1.0}) + "\n")
-    with pytest.raises(ReportError, match="no `method` field: .*t"):
+    (folder / "result.json").write_text(json.dumps({"loss": 1.0, "config": {}}) + "\n")
+    with pytest.raises(ReportError, match="no `method` in their params: .*t"):
         load_trials(tmp_path / "s")
-    (folder / "result.json").write_text('{"method": "dpo", "step": 1}\n{"broken"\n{"method": "dpo", "step": 2}\n')
+    # without params.json, the config Tune copies into every result names the method
+    line = '{"step": %d, "loss": 0.5, "config": {"method": "dpo"}}'
+    (folder / "result.json").write_text(f'{line % 1}\n{{"broken"\n{line % 2}\n')
     with pytest.raises(ReportError, match=r"result.json:2: not a JSON object"):
         load_trials(tmp_path / "s")
     # a torn last line (a killed trial) is dropped
-    (folder / "result.json").write_text('{"method": "dpo", "step": 1, "loss": 0.5}\n{"method": "dp')
+    (folder / "result.json").write_text(f'{line % 1}\n{{"step": 2, "conf')
     assert load_trials(tmp_path / "s")["steps"].tolist() == [1]

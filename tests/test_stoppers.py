@@ -102,6 +102,26 @@ def test_non_finite_loss_stops_at_once(bad):
     assert decision == StopDecision("nan_loss", 2, decision.detail)
 
 
+def test_a_skipped_step_stops_at_once_although_it_reports_no_loss():
+    # What the loop reports for a step it skipped for a NaN/inf loss or gradient: no loss, no
+    # signals, only the step, its bookkeeping and the running count of skipped steps.
+    stopper = CollapseStopper(settings(min_steps=100))
+    for step in (1, 2):
+        assert stopper("t", {"step": step, "loss": 0.7, "topk_entropy": 2.0, "skipped_steps": 0}) is False
+    assert stopper("t", {"step": 3, "lr": 1e-3, "epoch": 0.1, "skipped_steps": 1}) is True
+    decision = stopper.decisions["t"]
+    assert (decision.reason, decision.step) == ("nan_loss", 3)
+    assert "1 step(s) skipped" in decision.detail
+
+
+def test_a_step_skipped_between_reports_stops_at_the_next_report():
+    # train.report_every 5: the step skipped at 7 shows in the count reported at step 10.
+    det = CollapseDetector(settings(min_steps=100))
+    assert det.update(5, 0.7, topk_entropy=2.0, skipped_steps=0) is None
+    decision = det.update(10, 0.69, topk_entropy=2.0, skipped_steps=1)
+    assert (decision.reason, decision.step) == ("nan_loss", 10)
+
+
 def test_divergence_against_first_finite_loss():
     det = CollapseDetector(settings(min_steps=100))
     assert det.update(1, 0.5) is None  # first loss: the limit is 10 * 0.5 = 5
@@ -177,7 +197,7 @@ def test_saved_decisions_are_what_the_report_reads(tmp_path):
     stopper.save(tmp_path / "stops.json")
     trial = tmp_path / "exp" / "t1"
     trial.mkdir(parents=True)
-    (trial / "params.json").write_text("{}")
-    (trial / "result.json").write_text(json.dumps({"trial_id": "t1", "method": "dpo", "step": 3, "loss": 1.0}) + "\n")
+    (trial / "params.json").write_text(json.dumps({"method": "dpo"}))
+    (trial / "result.json").write_text(json.dumps({"trial_id": "t1", "step": 3, "loss": 1.0, "config": {"method": "dpo"}}) + "\n")
     row = load_trials(tmp_path).iloc[0]
     assert (bool(row["stopped"]), row["stop_reason"], row["stop_step"]) == (True, "nan_loss", 3)
