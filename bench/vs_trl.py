@@ -1,12 +1,13 @@
 """po_ray against TRL's DPOTrainer on the same work, side by side, on this machine.
 
     .venv/bin/python bench/vs_trl.py --quick --json bench_results.json
+    .venv/bin/python bench/vs_trl.py --long --only trl po_ray_1w --set model.logprob_chunk_size=256
 
 One run builds the data once (a 32k-word word-level tokenizer and synthetic preference pairs),
 measures this machine's fp32 matmul peak, then runs each contender in its own subprocess so the
 peak memory of its whole process tree (Ray's raylet, GCS and workers included) is its own:
 
-  initial_weights (unmeasured) po_ray's ZeRO-3-built starting weights, saved for TRL to load
+  initial_weights (unmeasured, always first) po_ray's ZeRO-3-built starting weights, saved for TRL
   trl             TRL DPOTrainer, separate reference model, one process (no accelerate launcher)
   po_ray_1w       po_ray, default config (ZeRO-3, sharded reference), 1 Ray worker
   po_ray_2w       po_ray, 2 Ray workers under ZeRO-3 on gloo, same global batch
@@ -99,6 +100,10 @@ class Spec:
 FULL = Spec()
 QUICK = replace(FULL, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=704, batch_pairs=4,
                 prompt_words=(24, 24), completion_words=(8, 56), warmup_steps=2, measured_steps=4)
+# Longer sequences at the same model: activations and logits grow, the fixed costs (Ray's processes,
+# weights, optimiser state) do not, so the memory ratio shows what it is once the work dominates.
+LONG = replace(FULL, prompt_words=(128, 128), completion_words=(128, 384), measured_steps=6)
+SPECS = {"full": FULL, "quick": QUICK, "long": LONG}
 
 
 # ---- data: the same text for both trainers --------------------------------------------------------
@@ -141,8 +146,9 @@ def write_pairs(path: Path, spec: Spec, words: list[str]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def po_ray_overrides(spec: Spec, work: Path, *, name: str, workers: int, strategy: str) -> list[str]:
-    """po_ray's default config plus what makes the job the same as TRL's.
+def po_ray_overrides(spec: Spec, work: Path, *, name: str, workers: int, strategy: str,
+                     extra: tuple = ()) -> list[str]:
+    """po_ray's default config plus what makes the job the same as TRL's, then ``extra`` (``--set``).
 
     Off, as in the TRL run: MLflow tracking (TRL: report_to none), held-out evaluation, periodic
     checkpoints and the final model export (TRL: save_strategy no). One final checkpoint is still
@@ -175,16 +181,17 @@ def po_ray_overrides(spec: Spec, work: Path, *, name: str, workers: int, strateg
         "tracking.enabled=false",
         f"run.name={name}",
         f"run.storage_path={work / 'runs'}",
+        *extra,
     ]
 
 
-def po_ray_pairs(spec: Spec, work: Path):
+def po_ray_pairs(spec: Spec, work: Path, extra: tuple = ()):
     """po_ray's tokenised training pairs and the order its sampler feeds them (world-size independent)."""
     from po_ray.config import load_config
     from po_ray.data import load_pairs, load_tokenizer
     from po_ray.sampler import PairSampler
 
-    cfg = load_config(None, po_ray_overrides(spec, work, name="x", workers=1, strategy="sharded"))
+    cfg = load_config(None, po_ray_overrides(spec, work, name="x", workers=1, strategy="sharded", extra=extra))
     tokenizer = load_tokenizer(cfg.model)
     pairs, _, _ = load_pairs(cfg.data, tokenizer, seed=spec.seed)
     sampler = PairSampler(num_pairs=len(pairs), seed=spec.seed, world_size=1, rank=0,
@@ -208,7 +215,7 @@ def pair_rows(pairs) -> list[tuple[int, int]]:
 # ---- contenders (each runs in its own subprocess) --------------------------------------------------
 
 
-def contender_trl(spec: Spec, work: Path, *, precompute: bool = False) -> dict:
+def contender_trl(spec: Spec, work: Path, extra: tuple = (), *, precompute: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -218,7 +225,7 @@ def contender_trl(spec: Spec, work: Path, *, precompute: bool = False) -> dict:
     from po_ray.config import ModelConfig
     from po_ray.model import build_model
 
-    cfg, tokenizer, pairs, order = po_ray_pairs(spec, work)
+    cfg, tokenizer, pairs, order = po_ray_pairs(spec, work, extra)
     rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
     # po_ray's pair_id is the row position; TRL reads the rows in po_ray's sampler order.
     dataset = Dataset.from_list([rows[pairs[i].pair_id] for i in order])
@@ -297,7 +304,7 @@ def contender_trl(spec: Spec, work: Path, *, precompute: bool = False) -> dict:
     return record
 
 
-def contender_initial_weights(spec: Spec, work: Path) -> dict:
+def contender_initial_weights(spec: Spec, work: Path, extra: tuple = ()) -> dict:
     """Write the weights po_ray starts from, for TRL to start from too.
 
     po_ray builds its model under ZeRO-3 (deepspeed.zero.Init), which draws the same seeded random
@@ -312,7 +319,7 @@ def contender_initial_weights(spec: Spec, work: Path) -> dict:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
-    cfg, tokenizer, _, _ = po_ray_pairs(spec, work)
+    cfg, tokenizer, _, _ = po_ray_pairs(spec, work, extra)
     deepspeed.init_distributed(dist_backend="gloo")
     model = build_model(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -325,11 +332,11 @@ def contender_initial_weights(spec: Spec, work: Path) -> dict:
     return {"tensors": len(state)}
 
 
-def contender_po_ray(spec: Spec, work: Path, *, workers: int, strategy: str, name: str) -> dict:
+def contender_po_ray(spec: Spec, work: Path, extra: tuple = (), *, workers: int, strategy: str, name: str) -> dict:
     from po_ray.config import load_config
     from po_ray.launch import train
 
-    cfg = load_config(None, po_ray_overrides(spec, work, name=name, workers=workers, strategy=strategy))
+    cfg = load_config(None, po_ray_overrides(spec, work, name=name, workers=workers, strategy=strategy, extra=extra))
     ledger = work / "runs" / name / "ledger" / "rank0.jsonl"
     end_times: list[float] = []
     done = threading.Event()
@@ -356,7 +363,7 @@ def contender_po_ray(spec: Spec, work: Path, *, workers: int, strategy: str, nam
     done.set()
     watcher.join()
 
-    _, _, pairs, _ = po_ray_pairs(spec, work)
+    _, _, pairs, _ = po_ray_pairs(spec, work, extra)
     by_id = {p.pair_id: p for p in pairs}
     steps: dict[int, dict] = {}
     for rank in range(workers):
@@ -379,7 +386,7 @@ def contender_po_ray(spec: Spec, work: Path, *, workers: int, strategy: str, nam
     }
 
 
-def contender_profile(spec: Spec, work: Path, steps: int = 3) -> dict:
+def contender_profile(spec: Spec, work: Path, extra: tuple = (), steps: int = 3) -> dict:
     """A po_ray step in one process, through the loop's own pieces (engines, run, reference, loss),
     DeepSpeed ZeRO-3 on a 1-rank gloo group, under torch.profiler: where a step's CPU time goes."""
     import deepspeed
@@ -387,22 +394,20 @@ def contender_profile(spec: Spec, work: Path, steps: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from po_ray.engine import build_engine, run
-    from po_ray.loop import _collate_to, _pair_logps
+    from po_ray.loop import _collate_to, _pair_logps, _reference_engine
     from po_ray.losses import build_loss
     from po_ray.model import build_deepspeed_config, resolve_dtype
-    from po_ray.reference import ShardedReference, reference_model_config
+    from po_ray.reference import ShardedReference
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
-    cfg, tokenizer, pairs, order = po_ray_pairs(spec, work)
+    cfg, tokenizer, pairs, order = po_ray_pairs(spec, work, extra)
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(spec.seed)
     dtype = resolve_dtype(cfg.model, False)
     engine_args = dict(tokenizer=tokenizer, dtype=dtype, seed=spec.seed, chunk_size=cfg.model.logprob_chunk_size,
                        topk=cfg.metrics.topk)
-    ref_ds = build_deepspeed_config(cfg, world_size=1, use_gpu=False, for_reference=True)
-    _, ref_engine = build_engine(reference_model_config(cfg), ds_config=ref_ds, train=False, **engine_args)
-    reference = ShardedReference(ref_engine)
+    reference = ShardedReference(_reference_engine(cfg, 1, False, engine_args))
     _, engine = build_engine(cfg.model, ds_config=build_deepspeed_config(cfg, world_size=1, use_gpu=False),
                              train=True, **engine_args)
     loss_fn = build_loss(cfg.loss)
@@ -442,11 +447,13 @@ def _free_port() -> int:
 
 CONTENDERS = {
     "initial_weights": contender_initial_weights,
-    "trl": lambda spec, work: contender_trl(spec, work),
-    "po_ray_1w": lambda spec, work: contender_po_ray(spec, work, workers=1, strategy="sharded", name="po_ray_1w"),
-    "po_ray_2w": lambda spec, work: contender_po_ray(spec, work, workers=2, strategy="sharded", name="po_ray_2w"),
-    "po_ray_1w_pre": lambda spec, work: contender_po_ray(spec, work, workers=1, strategy="precomputed",
-                                                         name="po_ray_1w_pre"),
+    "trl": contender_trl,
+    "po_ray_1w": lambda spec, work, extra: contender_po_ray(spec, work, extra, workers=1, strategy="sharded",
+                                                            name="po_ray_1w"),
+    "po_ray_2w": lambda spec, work, extra: contender_po_ray(spec, work, extra, workers=2, strategy="sharded",
+                                                            name="po_ray_2w"),
+    "po_ray_1w_pre": lambda spec, work, extra: contender_po_ray(spec, work, extra, workers=1, strategy="precomputed",
+                                                                name="po_ray_1w_pre"),
     "profile": contender_profile,
 }
 
@@ -545,18 +552,26 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, few steps: under 5 minutes on 2 CPU cores")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small model, few steps: under 5 minutes on 2 CPU cores")
+    size.add_argument("--long", action="store_true",
+                      help="the full-size model on 2-4x longer sequences (prompt 128, completions 128-384 words)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a po_ray config override for every po_ray contender (repeatable), e.g. "
+                             "--set model.logprob_chunk_size=256")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "po_ray_bench" / "vs_trl",
                         help="data, logs and runs (wiped of earlier runs first)")
     parser.add_argument("--only", nargs="*", choices=list(CONTENDERS), help="run only these contenders")
     parser.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args(argv)
-    spec = QUICK if args.quick else FULL
+    size_name = "quick" if args.quick else "long" if args.long else "full"
+    spec = SPECS[size_name]
+    extra = tuple(args.overrides)
     work = args.workdir.resolve()
 
     if args.contender:  # child: run one contender, write its record
-        record = CONTENDERS[args.contender](spec, work)
+        record = CONTENDERS[args.contender](spec, work, extra)
         (work / "results").mkdir(exist_ok=True)
         (work / "results" / f"{args.contender}.json").write_text(json.dumps(record))
         return 0
@@ -578,11 +593,13 @@ def main(argv=None) -> int:
 
     env = {**os.environ, **common.QUIET_ENV}
     results, records = {}, {}
-    names = args.only or list(CONTENDERS)
-    if "trl" in names and "initial_weights" not in names:
-        names = ["initial_weights", *names]
+    # initial_weights always runs, first: TRL starts from its weights, and it is the first DeepSpeed
+    # process, so the one-off JIT build of DeepSpeed's CPU ops lands in it, not in a measured peak.
+    names = ["initial_weights", *[n for n in (args.only or CONTENDERS) if n != "initial_weights"]]
+    child_args = [f"--{size_name}"] if size_name != "full" else []
+    child_args += [f"--set={o}" for o in extra]
     for name in names:
-        cmd = common.self_command(SCRIPT, "--contender", name, "--workdir", str(work), *(["--quick"] if args.quick else []))
+        cmd = common.self_command(SCRIPT, "--contender", name, "--workdir", str(work), *child_args)
         tree = common.run_tree(cmd, env=env, log_path=work / "logs" / f"{name}.log")
         if tree.returncode != 0:
             print(f"[bench] {name} failed (exit {tree.returncode}); log {work / 'logs' / (name + '.log')}:\n"
@@ -599,6 +616,8 @@ def main(argv=None) -> int:
 
     report = {
         "quick": args.quick,
+        "size": size_name,
+        "overrides": list(extra),
         "spec": asdict(spec),
         "machine": machine,
         "matmul_peak_flops": peak,
@@ -615,7 +634,7 @@ def main(argv=None) -> int:
     print(markdown(report), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    headline = {k: report[k] for k in ("quick", "tokens_identical", "total_s")}
+    headline = {k: report[k] for k in ("quick", "size", "tokens_identical", "total_s")}
     headline.update(report["ratios"])
     headline["first_losses"] = {k: results[k]["losses"][:3] for k in results}
     print(json.dumps(headline))

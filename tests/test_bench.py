@@ -40,7 +40,7 @@ def test_step_durations_skip_warmup():
 
 
 def test_spec_never_truncates():
-    for spec in (vs_trl.FULL, vs_trl.QUICK):
+    for spec in vs_trl.SPECS.values():
         assert spec.max_prompt_length == spec.prompt_words[1] + 1  # + BOS
         assert spec.max_completion_length == spec.completion_words[1] + 1  # + EOS
         assert spec.max_length >= spec.max_prompt_length + spec.max_completion_length
@@ -84,3 +84,20 @@ def test_ratios_and_report_shape():
     text = vs_trl.markdown({"results": results, "ratios": r, "profile": {"top_ops": [
         {"op": "aten::mm", "self_cpu_ms_per_step": 12.0, "share": 0.5, "calls_per_step": 3}]}})
     assert "| trl | 100 |" in text and "`aten::mm`" in text and "tokens_per_s_ratio" in text
+
+
+def test_plot_vs_trl_reads_labelled_runs(tmp_path):
+    import plot_vs_trl
+
+    good = tmp_path / "after.json"
+    good.write_text(json.dumps({"ratios": {"tokens_per_s_ratio": 1.8, "peak_pss_ratio": 0.9, "peak_rss_ratio": 1.1}}))
+    runs = plot_vs_trl.load_runs([f"after={good}"])
+    assert runs == [("after", {"tokens_per_s_ratio": 1.8, "peak_pss_ratio": 0.9, "peak_rss_ratio": 1.1})]
+    plot_vs_trl.plot(runs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match=r"'after\.json': expected LABEL=PATH"):
+        plot_vs_trl.load_runs(["after.json"])
+    partial = tmp_path / "only_trl.json"
+    partial.write_text(json.dumps({"ratios": {}}))
+    with pytest.raises(SystemExit, match=r"only_trl\.json: no tokens_per_s_ratio, peak_pss_ratio, peak_rss_ratio"):
+        plot_vs_trl.load_runs([f"x={partial}"])
