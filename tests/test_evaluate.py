@@ -16,7 +16,7 @@ from po_ray.config import ConfigError, GenerationEvalConfig, ModelConfig, load_c
 from po_ray.data import load_tokenizer
 from po_ray.engine import LogpModel
 from po_ray.eval import generation_eval, register_judge
-from po_ray.eval.generation import Sample, collate_responses, held_out_prompts, summarize
+from po_ray.eval.generation import Prompt, Sample, collate_responses, held_out_prompts, summarize
 from po_ray.eval.judges import build_judge, run_judge
 from po_ray.eval.metrics import (
     distinct_n,
@@ -35,14 +35,16 @@ from po_ray.model import build_model
 
 def test_length_stats_by_hand():
     # sorted [1, 2, 3, 4, 10]: median the 3rd; p90 at rank 0.9·4 = 3.6 -> 4 + 0.6·(10 − 4) = 7.6
-    assert length_stats([10, 3, 1, 4, 2], max_new_tokens=10) == pytest.approx(
+    assert length_stats([10, 3, 1, 4, 2], [True, False, False, False, False]) == pytest.approx(
         {"length_mean": 4.0, "length_median": 3.0, "length_p90": 7.6, "length_hit_limit": 0.2}
     )
     # even count: the median is the mean of the middle two; p90 at rank 2.7 -> 6 + 0.7·2
-    stats = length_stats([8, 2, 6, 4], max_new_tokens=5)
+    stats = length_stats([8, 2, 6, 4], [True, False, True, False])
     assert stats == pytest.approx({"length_mean": 5.0, "length_median": 5.0, "length_p90": 7.4, "length_hit_limit": 0.5})
     with pytest.raises(ValueError):
-        length_stats([], 4)
+        length_stats([], [])
+    with pytest.raises(ValueError, match="one cut_off flag per response"):
+        length_stats([3, 4], [True])
 
 
 def test_monte_carlo_kl_by_hand():
@@ -89,24 +91,41 @@ def test_first_response_keeps_the_first_eos_and_nothing_after():
     assert first_response([3, 5], {2, 3}) == [3]
 
 
-def _sample(response, ref_response, logps, ref_logps, reward=None, ref_reward=None, i=0):
+def _sample(response, ref_response, logps, ref_logps, reward=None, ref_reward=None, i=0, cut_off=False):
+    """A sample whose KL draw is its own response (as at temperature 1)."""
     n = float(len(response))
     return Sample(i, 0, (1,), tuple(response), tuple(ref_response), logps, ref_logps, n, 2.0 * n, n, 0.5 * n,
-                  reward, ref_reward)
+                  cut_off, logps, ref_logps, n, reward, ref_reward)
 
 
 def test_summarize_combines_the_metrics():
-    samples = [_sample([4, 4, 2], [4, 2], -3.0, -4.0, 1.0, 0.0, 0), _sample([5, 2], [5, 6, 7, 2], -2.0, -1.0, 0.0, 0.0, 1)]
-    settings = GenerationEvalConfig(max_new_tokens=3, distinct_n=2)
-    m = summarize(samples, settings)
-    assert m["gen/length_mean"] == 2.5 and m["gen/length_hit_limit"] == 0.5
-    assert m["gen/ref_length_mean"] == 3.0
-    assert m["gen/kl_per_sequence"] == pytest.approx(0.0) and m["gen/kl_per_token"] == pytest.approx(0.0)
+    # EOS is 2 and max_new_tokens 3. A ends with EOS exactly at the limit (finished, not cut off); B
+    # used the whole budget without one (cut off). Their KL draws are other responses (as at a
+    # temperature below 1): log-ratios 1.5 over 2 tokens and 0.5 over 3, while the evaluated
+    # responses' own log-ratios are 1 and −1.
+    a = replace(_sample([4, 4, 2], [4, 2], -3.0, -4.0, 1.0, 0.0, 0), kl_logps=-5.0, kl_ref_logps=-6.5, kl_tokens=2.0)
+    b = replace(_sample([5, 6, 5], [5, 2], -2.0, -1.0, 0.0, 0.0, 1, cut_off=True), kl_logps=-1.0, kl_ref_logps=-1.5,
+                kl_tokens=3.0)
+    m = summarize([a, b], GenerationEvalConfig(max_new_tokens=3, distinct_n=2))
+    assert m["gen/length_mean"] == 3.0 and m["gen/length_hit_limit"] == 0.5  # B only
+    assert m["gen/ref_length_mean"] == 2.0
+    assert m["gen/kl_per_sequence"] == pytest.approx(1.0) and m["gen/kl_per_token"] == pytest.approx(2.0 / 5)
     assert m["gen/entropy"] == pytest.approx(2.0) and m["gen/topk_mass"] == pytest.approx(0.5)
+    # Counted without the EOS: A is [4, 4], B [5, 6, 5]. Unigrams 4 4 5 6 5: 3 distinct of 5;
+    # bigrams (4,4) | (5,6) (6,5): 3 of 3, none repeated.
     assert m["gen/distinct_1"] == pytest.approx(3 / 5) and m["gen/distinct_2"] == pytest.approx(1.0)
     assert m["gen/repetition_rate"] == 0.0
-    assert m["gen/reward_mean"] == 0.5 and m["gen/win_rate"] == pytest.approx(0.75)
-    assert "gen/win_rate" not in summarize([replace(s, reward=None, ref_reward=None) for s in samples], settings)
+    # unigram repetition: one repeated 4 in A, one repeated 5 in B, of 5 unigrams
+    assert summarize([a, b], GenerationEvalConfig(max_new_tokens=3, distinct_n=1))["gen/repetition_rate"] == 0.4
+    assert m["gen/reward_mean"] == 0.5 and m["gen/win_rate"] == pytest.approx(0.75)  # a win, a tie
+    assert "gen/win_rate" not in summarize([replace(s, reward=None, ref_reward=None) for s in (a, b)],
+                                           GenerationEvalConfig())
+
+
+def test_sample_log_ratio_and_content():
+    s = _sample([7, 8, 2], [7, 2], -3.0, -4.5)
+    assert s.log_ratio == 1.5 and s.content_ids == (7, 8)
+    assert replace(s, response_ids=(7, 8, 9), cut_off=True).content_ids == (7, 8, 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +155,7 @@ def _tiny(tokenizer, seed: int = 0, eos_bias: float = 0.0) -> LogpModel:
 
 def _prompts(tokenizer, n: int = 5) -> list[tuple[int, ...]]:
     texts = ["what is the capital of france", "say hello", "count to three please", "why", "name a colour red or blue"]
-    return [tuple(tokenizer(t).input_ids) for t in texts[:n]]
+    return [Prompt(tuple(tokenizer(t).input_ids)) for t in texts[:n]]
 
 
 class CountingJudge:
@@ -160,7 +179,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_even_win_rate(tokenizer):
     assert len(samples) == 15
     assert [(s.prompt_index, s.sample_index) for s in samples] == [(p, k) for p in range(5) for k in range(3)]
     assert abs(metrics["gen/kl_per_sequence"]) < 1e-6 and abs(metrics["gen/kl_per_token"]) < 1e-6
-    assert all(abs(s.kl) < 1e-6 for s in samples)
+    assert all(abs(s.log_ratio) < 1e-6 for s in samples)
     assert metrics["gen/win_rate"] == 0.5  # same seed, same model: every comparison is a tie
     assert all(s.response_ids == s.ref_response_ids for s in samples)
     # The judge saw each of the 15 policy and 15 reference responses exactly once.
@@ -245,8 +264,8 @@ def test_held_out_prompts_are_distinct_and_in_order():
     from po_ray.data import TokenizedPair
 
     pairs = [TokenizedPair(i, p, (1,), (2,)) for i, p in enumerate([(5, 6), (7,), (5, 6), (8,)])]
-    assert held_out_prompts(pairs, 3) == [(5, 6), (7,), (8,)]
-    assert held_out_prompts(pairs, 1) == [(5, 6)]
+    assert held_out_prompts(pairs, 3) == [Prompt((5, 6)), Prompt((7,)), Prompt((8,))]
+    assert held_out_prompts(pairs, 1) == [Prompt((5, 6))]
     with pytest.raises(ValueError, match="eval_fraction"):
         held_out_prompts([], 4)
 
@@ -373,7 +392,7 @@ def test_samples_table_is_logged_to_mlflow_and_appended(tmp_path, tokenizer, mon
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [r["step"] for r in rows] == [5, 5, 10]
     assert [r["length"] for r in rows] == [2, 1, 2]
-    assert rows[0]["kl"] == pytest.approx(0.5) and rows[0]["reward"] == pytest.approx(0.3)
+    assert rows[0]["log_ratio"] == pytest.approx(0.5) and rows[0]["reward"] == pytest.approx(0.3)
     assert {"prompt", "response", "ref_response", "ref_reward"} <= set(rows[0])
 
 
