@@ -494,14 +494,25 @@ def test_is_due_every_n_steps_and_at_the_end():
     assert not any(is_due(replace(cfg, eval=replace(cfg.eval, enabled=False)), s) for s in range(1, 8))
 
 
-def test_cli_parses_eval():
+def test_cli_parses_eval_and_prints_the_result():
     from po_ray.cli import build_parser, format_eval_result
 
     args = build_parser().parse_args(["eval", "--model", "runs/x/model", "--config", "demo", "eval.num_prompts=4"])
     assert args.model == "runs/x/model" and args.overrides == ["eval.num_prompts=4"]
-    text = format_eval_result({"model": "m", "reference": "r", "metrics": {"gen/kl_per_token": 0.25},
-                               "samples_path": "/o/samples.jsonl", "num_samples": 3})
-    assert "gen/kl_per_token" in text and "0.2500" in text and "/o/samples.jsonl" in text and "/o/eval.json" in text
+    metrics = {"gen/kl_per_token": 0.25, "gen/length_hit_limit": 0.125, "gen/distinct_2": 0.5, "gen/new_thing": 2.0}
+    text = format_eval_result({"model": "m", "reference": "r", "metrics": metrics, "samples_path": "/o/samples.jsonl",
+                               "num_samples": 3, "temperature": 0.7, "top_p": 0.9, "kl_from_separate_draws": True,
+                               "tracking_uri": "sqlite:////o/mlflow.db", "mlflow_run_id": "abc"})
+    lines = text.splitlines()
+    assert "sampled at temperature 0.7, top_p 0.9; KL from separate draws at temperature 1, top_p 1" in lines
+    assert any(ln.startswith("KL(policy || reference) per token") and ln.endswith("0.2500  (gen/kl_per_token)")
+               for ln in lines)
+    assert any(ln.startswith("cut off at max_new_tokens (share)") and "0.125" in ln for ln in lines)
+    assert any(ln.startswith("distinct-2") for ln in lines) and any(ln.startswith("gen/new_thing") for ln in lines)
+    assert "/o/samples.jsonl" in text and "/o/eval.json" in text and "(run abc)" in text and "mlflow ui" in text
+    # an eval.json without the newer fields still prints
+    assert "0.2500" in format_eval_result({"model": "m", "reference": "r", "metrics": {"gen/kl_per_token": 0.25},
+                                           "samples_path": "/o/samples.jsonl", "num_samples": 3})
 
 
 def test_samples_table_is_logged_to_mlflow_and_appended(tmp_path, tokenizer, monkeypatch):
