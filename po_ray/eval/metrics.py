@@ -103,3 +103,13 @@ def first_response(generated: Sequence[int], eos_ids: set[int]) -> list[int]:
         if token in eos_ids:
             break
     return out
+
+
+def gen_metric_names(settings) -> set[str]:
+    """The ``gen/…`` names ``generation.summarize`` reports with these eval settings (for checking a study's score)."""
+    names = ["length_mean", "length_median", "length_p90", "length_hit_limit", "ref_length_mean", "kl_per_sequence",
+             "kl_per_token", "entropy", "topk_entropy", "topk_mass", "repetition_rate",
+             *(f"distinct_{n}" for n in range(1, settings.distinct_n + 1))]
+    if settings.judge:
+        names += ["reward_mean", "ref_reward_mean", "win_rate"]
+    return {f"gen/{n}" for n in names}
