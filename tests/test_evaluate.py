@@ -584,8 +584,54 @@ def test_po_ray_eval_on_two_zero3_workers(ray_session, tmp_path, tokenizer, rewa
     rows = [json.loads(ln) for ln in Path(result["samples_path"]).read_text().splitlines()]
     assert sorted(r["prompt_index"] for r in rows) == [0, 1, 2, 3, 4]
     assert all(len(r["response_ids"]) == r["tokens"] <= 8 for r in rows)
+    assert all(r["cut_off"] == (tokenizer.eos_token_id not in r["response_ids"]) and abs(r["log_ratio"]) < 1e-6 for r in rows)
+    assert m["gen/length_hit_limit"] == sum(r["cut_off"] for r in rows) / 5
     assert m["gen/length_mean"] == pytest.approx(sum(r["tokens"] for r in rows) / 5)
     assert json.loads((tmp_path / "eval-equal" / "eval" / "eval.json").read_text())["metrics"] == m
+
+
+@pytest.mark.integration
+def test_po_ray_eval_cli_on_an_exported_model(ray_session, tmp_path, tokenizer, capsys):
+    """`po-ray eval --model PATH --config FILE` on 2 ZeRO-3 workers, a model unlike the reference,
+    sampled at temperature 0.7 (so the KL has draws of its own): exit 0, the labelled result printed,
+    eval.json, and an MLflow run <run.name>-eval with the metrics and the samples table."""
+    from mlflow import MlflowClient
+
+    from po_ray.cli import main
+
+    model = build_model(ModelConfig(config_overrides={"hidden_size": 64, "intermediate_size": 128,
+                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2}),
+                        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        dtype=torch.float32, seed=123)
+    model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"extends: demo\nrun: {{name: cli, storage_path: {tmp_path}}}\n"
+                      "eval: {num_prompts: 5, max_new_tokens: 8, batch_size: 2, temperature: 0.7}\n")
+
+    assert main(["eval", "--model", str(tmp_path / "model"), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "cli" / "eval" / "eval.json").read_text())
+    m = result["metrics"]
+    assert result["kl_from_separate_draws"] is True and result["num_samples"] == 5
+    assert m["gen/kl_per_sequence"] > 0  # another model than the reference
+    assert "sampled at temperature 0.7, top_p 1; KL from separate draws at temperature 1, top_p 1" in out
+    assert f"{m['gen/kl_per_token']:.4f}  (gen/kl_per_token)" in out and "cut off at max_new_tokens" in out
+    assert f"(run {result['mlflow_run_id']})" in out
+
+    client = MlflowClient(result["tracking_uri"])
+    assert result["tracking_uri"] == f"sqlite:///{tmp_path / 'cli' / 'mlflow.db'}"  # the training run's store
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.run_name == "cli-eval" and run.info.status == "FINISHED"
+    assert run.data.metrics["gen/kl_per_token"] == pytest.approx(m["gen/kl_per_token"])
+    assert run.data.params["eval.temperature"] == "0.7"
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "gen_samples.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 5 and {"log_ratio", "cut_off", "prompt", "response"} <= set(rows[0]) and "kl" not in rows[0]
+    assert [r["step"] for r in rows] == [0] * 5
+    assert "eval.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.integration
