@@ -94,7 +94,7 @@ def held_out_prompts(eval_pairs: Sequence, num_prompts: int) -> list[Prompt]:
     seen: dict[tuple, Prompt] = {}
     for pair in eval_pairs:
         ids = tuple(pair.prompt_ids)
-        seen.setdefault(ids, Prompt(ids, tuple(getattr(pair, "prompt_messages", ()))))
+        seen.setdefault(ids, Prompt(ids, tuple(pair.prompt_messages)))
         if len(seen) == num_prompts:
             break
     if not seen:
