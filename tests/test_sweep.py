@@ -109,8 +109,19 @@ def test_method_named_like_a_study_subfolder_is_refused(tmp_path):
     ("eval/rewards/accuracies", {"train.eval_every": 10, "train.report_every": 5}, {}, None),
     ("eval/rewards/accuracies", {"train.eval_every": 0, "train.report_every": 7}, {}, None),  # only at the end
     ("rewards/accuracies", {"train.eval_every": 10, "train.report_every": 4}, {}, None),  # not scored on eval/
+    # a gen/ score must be one the trials' generation eval reports at all
+    ("gen/win_rate", {"eval.every_steps": 5, "train.report_every": 5}, {},
+     r"score.metric gen/win_rate comes from the generation eval, but eval.enabled is false"),
+    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 5}, {},
+     r"score.metric gen/win_rate: not a metric of this generation eval; it needs a judge: set eval.judge"),
+    ("gen/win_rat", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm"}, {},
+     r"gen/win_rat: not a metric of this generation eval; it reports .*gen/win_rate"),
+    ("gen/distinct_3", {"eval.enabled": True}, {}, r"it reports .*gen/distinct_2"),  # eval.distinct_n is 2
+    ("gen/win_rate", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm",
+                      "eval.every_steps": 5, "train.report_every": 5, "early_stopping.source": "generation"}, {}, None),
+    ("gen/kl_per_token", {"eval.enabled": True}, {}, None),  # needs no judge; only at the end
 ])  # fmt: skip
-def test_a_score_or_signal_computed_between_reports_is_refused(tmp_path, score, overrides, fixed, error):
+def test_a_score_or_signal_the_trials_do_not_report_is_refused(tmp_path, score, overrides, fixed, error):
     write(tmp_path / "m.yaml", {"method": "m", "fixed": {"loss.name": "dpo", **fixed}})
     path = make_study(tmp_path, ["m"], base_overrides={"train.max_steps": 20, **overrides},
                       score={"metric": score, "mode": "max", "epsilon": 0.05})
@@ -121,30 +132,6 @@ def test_a_score_or_signal_computed_between_reports_is_refused(tmp_path, score, 
     with pytest.raises(StudyError, match=error) as caught:
         plan_study(study, study_folder(study), "sqlite:///x.db")
     assert str(caught.value).startswith(f"{path}: method m at ")
-
-
-@pytest.mark.parametrize("score, overrides, error", [
-    ("gen/win_rate", {"eval.every_steps": 5, "train.report_every": 5},
-     r"score.metric gen/win_rate comes from the generation eval, but eval.enabled is false"),
-    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 5},
-     r"score.metric gen/win_rate: not a metric of this generation eval; it needs a judge: set eval.judge"),
-    ("gen/win_rat", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm"},
-     r"gen/win_rat: not a metric of this generation eval; it reports .*gen/win_rate"),
-    ("gen/distinct_3", {"eval.enabled": True}, r"it reports .*gen/distinct_2"),  # eval.distinct_n is 2
-    ("gen/win_rate", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm",
-                      "eval.every_steps": 5, "train.report_every": 5, "early_stopping.source": "generation"}, None),
-    ("gen/kl_per_token", {"eval.enabled": True}, None),  # needs no judge; only at the end
-])  # fmt: skip
-def test_a_generation_score_must_be_one_the_trials_report(tmp_path, score, overrides, error):
-    write(tmp_path / "m.yaml", {"method": "m", "fixed": {"loss.name": "dpo"}})
-    path = make_study(tmp_path, ["m"], base_overrides={"train.max_steps": 20, **overrides},
-                      score={"metric": score, "mode": "max", "epsilon": 0.05})
-    study = load_study(path)
-    if error is None:
-        plan_study(study, study_folder(study), "sqlite:///x.db")
-        return
-    with pytest.raises(StudyError, match=error):
-        plan_study(study, study_folder(study), "sqlite:///x.db")
 
 
 def test_gen_metric_names_are_what_summarize_reports():
