@@ -217,8 +217,10 @@ def test_same_seed_same_samples_and_different_seed_different(tokenizer):
     policy = _tiny(tokenizer, eos_bias=2.0)
     settings = GenerationEvalConfig(num_prompts=5, samples_per_prompt=2, batch_size=4, max_new_tokens=8, seed=3)
     _, a = generation_eval(policy, policy, _prompts(tokenizer), tokenizer, settings)
-    torch.manual_seed(12345)  # the caller's RNG state must not matter
+    torch.manual_seed(12345)  # the caller's RNG state must not matter, nor be moved (training goes on from it)
+    state = torch.random.get_rng_state()
     _, b = generation_eval(policy, policy, _prompts(tokenizer), tokenizer, settings)
+    assert torch.equal(torch.random.get_rng_state(), state)
     _, c = generation_eval(policy, policy, _prompts(tokenizer), tokenizer, replace(settings, seed=4))
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
     assert [s.response_ids for s in a] != [s.response_ids for s in c]
@@ -324,6 +326,10 @@ def test_held_out_prompts_are_distinct_and_in_order():
     pairs = [TokenizedPair(i, p, (1,), (2,)) for i, p in enumerate([(5, 6), (7,), (5, 6), (8,)])]
     assert held_out_prompts(pairs, 3) == [Prompt((5, 6)), Prompt((7,)), Prompt((8,))]
     assert held_out_prompts(pairs, 1) == [Prompt((5, 6))]
+    chat = [TokenizedPair(0, (5,), (1,), (2,), (("user", "hi"),))]
+    assert held_out_prompts(chat, 1) == [Prompt((5,), (("user", "hi"),))]  # the judge gets the messages
+    assert held_out_prompts(chat, 1)[0].conversation() == [{"role": "user", "content": "hi"}]
+    assert Prompt((5,)).conversation() is None
     with pytest.raises(ValueError, match="eval_fraction"):
         held_out_prompts([], 4)
 
