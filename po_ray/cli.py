@@ -43,10 +43,15 @@ def format_train_summary(s: dict) -> str:
     if s.get("model_dir"):
         lines.append(f"{'exported Hugging Face model':48s} {s['model_dir']}")
     if s.get("tracking_uri"):
-        lines.append(f"{'MLflow tracking URI':48s} {s['tracking_uri']}  (run {s.get('mlflow_run_id')})")
-        if s["tracking_uri"].startswith("sqlite:"):
-            lines.append(f"look at it with:  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 --port 5000")
+        lines += _tracking_lines(s["tracking_uri"], s.get("mlflow_run_id"), 48)
     return "\n".join(lines)
+
+
+def _tracking_lines(uri: str, run_id: str | None, width: int) -> list[str]:
+    lines = [f"{'MLflow tracking URI':{width}s} {uri}  (run {run_id})"]
+    if uri.startswith("sqlite:"):
+        lines.append(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return lines
 
 
 def cmd_eval(args) -> int:
@@ -58,11 +63,43 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# (metric, label, format) in the order format_eval_result prints them; other gen/ metrics follow.
+EVAL_LINES = (
+    ("gen/length_mean", "response length, mean (tokens)", "{:.2f}"),
+    ("gen/length_median", "response length, median", "{:.1f}"),
+    ("gen/length_p90", "response length, p90", "{:.1f}"),
+    ("gen/length_hit_limit", "cut off at max_new_tokens (share)", "{:.3f}"),
+    ("gen/ref_length_mean", "reference response length, mean", "{:.2f}"),
+    ("gen/kl_per_sequence", "KL(policy || reference) per response", "{:.4f}"),
+    ("gen/kl_per_token", "KL(policy || reference) per token", "{:.4f}"),
+    ("gen/entropy", "entropy per token", "{:.4f}"),
+    ("gen/topk_entropy", "top-k entropy per token", "{:.4f}"),
+    ("gen/topk_mass", "top-k mass per token", "{:.4f}"),
+    ("gen/repetition_rate", "repetition rate", "{:.4f}"),
+    ("gen/reward_mean", "judge: policy reward, mean", "{:.4f}"),
+    ("gen/ref_reward_mean", "judge: reference reward, mean", "{:.4f}"),
+    ("gen/win_rate", "judge: policy win rate (ties 1/2)", "{:.3f}"),
+)
+
+
 def format_eval_result(r: dict) -> str:
+    """`po-ray eval`'s result (eval.json) as labelled lines, each with its metric name for MLflow."""
+    m = dict(r["metrics"])
     lines = ["", f"=== po-ray: {r['model']} against the reference {r['reference']} ==="]
-    lines += [f"{k:32s} {v:.4f}" for k, v in r["metrics"].items()]
-    lines.append(f"{'samples (' + str(r['num_samples']) + ')':32s} {r['samples_path']}")
-    lines.append(f"{'metrics':32s} {Path(r['samples_path']).parent / 'eval.json'}")
+    if "temperature" in r:
+        kl_note = "KL from separate draws at temperature 1, top_p 1" if r.get("kl_from_separate_draws") else \
+            "KL from these samples"
+        lines.append(f"sampled at temperature {r['temperature']:g}, top_p {r['top_p']:g}; {kl_note}")
+    labelled = [(key, label, fmt) for key, label, fmt in EVAL_LINES if key in m]
+    labelled += [(key, key.removeprefix("gen/").replace("_", "-"), "{:.4f}") for key in m if key.startswith("gen/distinct_")]
+    shown = {key for key, _, _ in labelled}
+    labelled += [(key, key, "{:.4f}") for key in m if key not in shown]
+    lines += [f"{label:40s} {fmt.format(m[key]):>10s}" + (f"  ({key})" if label != key else "")
+              for key, label, fmt in labelled]
+    lines.append(f"{'samples (' + str(r['num_samples']) + ')':40s} {r['samples_path']}")
+    lines.append(f"{'metrics':40s} {Path(r['samples_path']).parent / 'eval.json'}")
+    if r.get("tracking_uri"):
+        lines += _tracking_lines(r["tracking_uri"], r.get("mlflow_run_id"), 40)
     return "\n".join(lines)
 
 

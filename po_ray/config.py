@@ -254,21 +254,21 @@ class GenerationEvalConfig:
     batch_size: int = 8
     """Prompts per generate call per worker (also the judge's batch)."""
     max_new_tokens: int = 64
-    """Generated tokens at most per response (EOS included)."""
+    """Generated tokens at most per response (EOS included); one that reaches it without an EOS is cut off (gen/length_hit_limit)."""
     temperature: float = 1.0
-    """Sampling temperature; 0 is greedy. KL is an unbiased Monte-Carlo estimate only at 1 with top_p 1."""
+    """Sampling temperature; 0 is greedy. The Monte-Carlo KL needs samples of the policy itself, so at any other value than 1 (or top_p < 1) it uses a second set drawn at temperature 1, top_p 1."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the smallest token set with this much probability (1: off)."""
+    """Nucleus sampling: keep the smallest token set with this much probability (1: off); below 1 the KL uses separate temperature-1, top_p-1 draws."""
     seed: int = 0
-    """Sampling seed; the same at every eval and for policy and reference, so their samples are comparable."""
+    """Sampling seed; each response's stream comes from it, its prompt and sample index (the same at every eval, for policy and reference, whatever the workers or batch size)."""
     judge: str = ""
     """Registered judge scoring each response: empty (none), reward_model, or a name from `plugins`."""
     judge_model: str = ""
-    """Folder (or hub name) of the Hugging Face sequence-classification reward model for judge=reward_model."""
+    """Folder (or hub name) of the Hugging Face sequence-classification reward model for judge=reward_model; conversational prompts are rendered with its chat template."""
     judge_trust_remote_code: bool = False
     """Allow the reward model's repository to run its own Python code."""
     distinct_n: int = 2
-    """Largest n of the distinct-n metrics (distinct_1 … distinct_n); repetition rate uses this n."""
+    """Largest n of the distinct-n metrics (distinct_1 … distinct_n, over responses without their EOS); repetition rate uses this n."""
     plugins: tuple = ()
     """Python modules imported on every worker before the judge is built, so their @register_judge run."""
 

@@ -42,6 +42,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from po_ray.config import Config, load_config
+from po_ray.eval.metrics import gen_metric_names
 from po_ray.launch import build_trainer, check_storage, ensure_ray
 from po_ray.losses import build_loss, loss_needs_reference
 from po_ray.losses.registry import import_loss_plugins
@@ -149,6 +150,7 @@ def plan_study(study: StudySpec, study_dir: Path, tracking_uri: str) -> list[Ref
                 import_loss_plugins(cfg)
                 build_loss(cfg.loss)
                 resolve_strategy(cfg)
+                check_gen_score(study, cfg)
                 check_reports(study, cfg)
             except ValueError as e:  # ConfigError, StudyError and the loss registry's errors
                 where = ", ".join(f"{k}={v}" for k, v in point.items())
@@ -163,6 +165,24 @@ def plan_study(study: StudySpec, study_dir: Path, tracking_uri: str) -> list[Ref
         run = replace(cfg.run, name=name, storage_path=str(study_dir / REFERENCE_RUNS_DIR))
         passes.append(ReferencePass(replace(cfg, run=run), tuple(dict.fromkeys(methods))))
     return passes
+
+
+def check_gen_score(study: StudySpec, cfg: Config) -> None:
+    """Raise StudyError when a ``gen/`` score is one this trial's generation eval never reports:
+    eval disabled, a judge metric (win rate, rewards) without eval.judge, or a name it has no such
+    metric under. Every trial would otherwise end without a score."""
+    metric = study.score.metric
+    if not metric.startswith("gen/"):
+        return
+    if not cfg.eval.enabled:
+        raise StudyError(f"score.metric {metric} comes from the generation eval, but eval.enabled is false; "
+                         "set eval.enabled=true (and eval.every_steps) in base_overrides")
+    names = gen_metric_names(cfg.eval)
+    if metric not in names:
+        judged = gen_metric_names(replace(cfg.eval, judge="any"))
+        why = ("it needs a judge: set eval.judge (and eval.judge_model for reward_model)" if metric in judged else
+               f"it reports {', '.join(sorted(names))}")
+        raise StudyError(f"score.metric {metric}: not a metric of this generation eval; {why}")
 
 
 def check_reports(study: StudySpec, cfg: Config) -> None:

@@ -301,6 +301,8 @@ def test_conversational_with_and_without_a_prompt_list(tmp_path, tok):
     expected = (["<bos>", "<|user|>", "name", "a", "fruit", "<|assistant|>"], ["apple", "<eos>"], ["tiger", "<eos>"])
     pairs = load_one(path, tok)
     assert [chat_tokens(tok, p) for p in pairs] == [expected] * 3
+    # the prompt's messages are kept for the generation eval's judge
+    assert [p.prompt_messages for p in pairs] == [(("user", "name a fruit"),)] * 3
 
 
 def test_conversational_multi_turn_shared_prefix_is_the_prompt(tmp_path, tok):
@@ -314,6 +316,7 @@ def test_conversational_multi_turn_shared_prefix_is_the_prompt(tmp_path, tok):
     assert prompt == ["<bos>", "<|system|>", "be", "nice", "<|user|>", "hi", "<|assistant|>", "hello", "<eos>",
                       "<|user|>", "name", "a", "color", "<|assistant|>"]
     assert (chosen, rejected) == (["red", "<eos>"], ["dog", "<eos>"])
+    assert load_one(path, tok)[0].prompt_messages == tuple((t["role"], t["content"]) for t in turns)
 
 
 def test_column_remap(tmp_path, tok):

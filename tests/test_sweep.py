@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,14 +102,26 @@ def test_method_named_like_a_study_subfolder_is_refused(tmp_path):
      r"score.metric eval/rewards/accuracies is measured every train.eval_every=10 steps, but trials report to Tune "
      r"every train.report_every=4 steps"),
     ("eval/rewards/accuracies", {"train.eval_every": 10}, {"train.report_every": 3}, r"method m at .*report_every=3"),
-    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 2}, {}, r"eval.every_steps=5"),
+    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 2, "eval.judge": "reward_model",
+                      "eval.judge_model": "rm"}, {}, r"eval.every_steps=5"),
     ("rewards/accuracies", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 2,
                             "early_stopping.source": "generation"}, {}, r"stopping.source generation .*every_steps=5"),
     ("eval/rewards/accuracies", {"train.eval_every": 10, "train.report_every": 5}, {}, None),
     ("eval/rewards/accuracies", {"train.eval_every": 0, "train.report_every": 7}, {}, None),  # only at the end
     ("rewards/accuracies", {"train.eval_every": 10, "train.report_every": 4}, {}, None),  # not scored on eval/
+    # a gen/ score must be one the trials' generation eval reports at all
+    ("gen/win_rate", {"eval.every_steps": 5, "train.report_every": 5}, {},
+     r"score.metric gen/win_rate comes from the generation eval, but eval.enabled is false"),
+    ("gen/win_rate", {"eval.enabled": True, "eval.every_steps": 5, "train.report_every": 5}, {},
+     r"score.metric gen/win_rate: not a metric of this generation eval; it needs a judge: set eval.judge"),
+    ("gen/win_rat", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm"}, {},
+     r"gen/win_rat: not a metric of this generation eval; it reports .*gen/win_rate"),
+    ("gen/distinct_3", {"eval.enabled": True}, {}, r"it reports .*gen/distinct_2"),  # eval.distinct_n is 2
+    ("gen/win_rate", {"eval.enabled": True, "eval.judge": "reward_model", "eval.judge_model": "rm",
+                      "eval.every_steps": 5, "train.report_every": 5, "early_stopping.source": "generation"}, {}, None),
+    ("gen/kl_per_token", {"eval.enabled": True}, {}, None),  # needs no judge; only at the end
 ])  # fmt: skip
-def test_a_score_or_signal_computed_between_reports_is_refused(tmp_path, score, overrides, fixed, error):
+def test_a_score_or_signal_the_trials_do_not_report_is_refused(tmp_path, score, overrides, fixed, error):
     write(tmp_path / "m.yaml", {"method": "m", "fixed": {"loss.name": "dpo", **fixed}})
     path = make_study(tmp_path, ["m"], base_overrides={"train.max_steps": 20, **overrides},
                       score={"metric": score, "mode": "max", "epsilon": 0.05})
@@ -119,6 +132,48 @@ def test_a_score_or_signal_computed_between_reports_is_refused(tmp_path, score, 
     with pytest.raises(StudyError, match=error) as caught:
         plan_study(study, study_folder(study), "sqlite:///x.db")
     assert str(caught.value).startswith(f"{path}: method m at ")
+
+
+def test_gen_metric_names_are_what_summarize_reports():
+    from po_ray.config import GenerationEvalConfig
+    from po_ray.eval.generation import Sample, summarize
+    from po_ray.eval.metrics import gen_metric_names
+
+    sample = Sample(0, 0, (1,), (4, 2), (4, 2), -1.0, -1.0, 2.0, 1.0, 1.0, 1.0, False, -1.0, -1.0, 2.0)
+    for judge, reward in (("", None), ("reward_model", 0.5)):
+        settings = GenerationEvalConfig(distinct_n=3, judge=judge, judge_model="rm")
+        got = summarize([replace(sample, reward=reward, ref_reward=reward)], settings)
+        assert set(got) == gen_metric_names(settings)
+
+
+def test_a_study_scored_on_win_rate_and_stopped_on_generation_signals(tmp_path):
+    """The unit path of such a study: ASHA rungs at the generation evals, the stopper watching
+    gen/topk_entropy (not the training batch's), and the score read from sparse gen/win_rate reports."""
+    from po_ray.sweep import _asha, tally
+
+    write(tmp_path / "m.yaml", {"method": "m", "fixed": {"loss.name": "dpo"}})
+    path = make_study(tmp_path, ["m"], base_overrides={
+        "train.max_steps": 20, "train.report_every": 2, "eval.enabled": True, "eval.every_steps": 4,
+        "eval.judge": "reward_model", "eval.judge_model": "rm"},
+        score={"metric": "gen/win_rate", "mode": "max", "epsilon": 0.05},
+        stopping={"source": "generation", "signal": "topk_entropy", "patience": 2, "min_steps": 0, "asha": True})
+    study = load_study(path)
+    plan_study(study, study_folder(study), "sqlite:///x.db")
+    assert min(t for t, _ in _asha(study, StopLog(tmp_path))._brackets[0]._rungs) == 4
+    stopper = StudyStopper(study.stopping, StopLog(tmp_path), max_steps=20)
+    stopped = None
+    for step in range(2, 21, 2):
+        result = {"step": step, "loss": 0.69, "topk_entropy": 2.0}  # the training batch's signal stays put
+        if step % 4 == 0:
+            result |= {"gen/topk_entropy": 2.0 if step <= 8 else 0.2, "gen/win_rate": 0.5}
+        if stopper("t", result):
+            stopped = step
+            break
+    assert stopped is not None and stopper.decisions["t"].reason == "topk_entropy_collapse"
+    assert stopped % 4 == 0  # decided on a generation eval's report
+    frame = pd.DataFrame({"step": [2, 4, 6, 8], "gen/win_rate": [math.nan, 0.55, math.nan, 0.625]})
+    finished = SimpleNamespace(path="/s/m/m_a", config={"method": "m"}, error=None, metrics_dataframe=frame)
+    assert tally([finished], {}, "gen/win_rate", "max").best == (0.625, "m_a")
 
 
 def test_probe_points_cover_grids_choices_range_ends_and_seeds(tmp_path):

@@ -31,6 +31,9 @@ class TokenizedPair:
     prompt_ids: tuple[int, ...]
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
+    prompt_messages: tuple[tuple[str, str], ...] = ()
+    """A conversational row's prompt as ``(role, content)`` pairs; empty for plain text. Only the
+    generation eval's judge reads it (to render the conversation with a reward model's template)."""
 
 
 @dataclass(frozen=True)
@@ -142,4 +145,4 @@ def build_pair(
         limits = f"data.max_completion_length={data_cfg.max_completion_length}" + (", POET" if data_cfg.poet else "")
         raise where.error(fields.rejected, f"has the same tokens as {fields.chosen} after tokenisation and "
                           f"truncation ({limits})", "identical")
-    return TokenizedPair(example.pair_id, prompt, chosen, rejected), raw
+    return TokenizedPair(example.pair_id, prompt, chosen, rejected, example.prompt_messages), raw

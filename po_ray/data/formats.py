@@ -23,7 +23,9 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 
 @dataclass(frozen=True)
 class Example:
-    """A checked row as texts. ``templated``: the prompt came from a chat template (which adds BOS)."""
+    """A checked row as texts. ``templated``: the prompt came from a chat template (which adds BOS).
+    ``prompt_messages``: a conversational row's prompt as ``(role, content)`` pairs (empty for plain
+    text), kept so a judge can render the conversation with its own chat template."""
 
     pair_id: int
     row: int
@@ -31,6 +33,7 @@ class Example:
     chosen: str
     rejected: str
     templated: bool
+    prompt_messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ def parse_row(values: dict, where: Where, pair_id: int, fields: Fields, tokenize
     chosen = _present(values, fields.chosen, where)
     rejected = _present(values, fields.rejected, where)
     if isinstance(chosen, list):
-        prompt, chosen_text, rejected_text = _conversational(values, where, fields, tokenizer)
-        return Example(pair_id, where.row, prompt, chosen_text, rejected_text, templated=True)
+        messages, prompt, chosen_text, rejected_text = _conversational(values, where, fields, tokenizer)
+        return Example(pair_id, where.row, prompt, chosen_text, rejected_text, templated=True,
+                       prompt_messages=tuple((m["role"], m["content"]) for m in messages))
     prompt = _present(values, fields.prompt, where)
     for name, value in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
         if not isinstance(value, str):
@@ -79,7 +83,8 @@ def _describe(value) -> str:
 # Conversational rows
 
 
-def _conversational(values: dict, where: Where, fields: Fields, tokenizer) -> tuple[str, str, str]:
+def _conversational(values: dict, where: Where, fields: Fields, tokenizer) -> tuple[list[dict], str, str, str]:
+    """``(prompt messages, prompt text, chosen text, rejected text)`` of a conversational row."""
     chosen = _messages(values[fields.chosen], fields.chosen, where)
     rejected = _messages(values.get(fields.rejected), fields.rejected, where)
     prompt_value = values.get(fields.prompt)
@@ -104,6 +109,7 @@ def _conversational(values: dict, where: Where, fields: Fields, tokenizer) -> tu
                           "model's tokenizer (model.tokenizer) or give plain strings", "no_chat_template", fatal=True)
     prompt_text = _render(tokenizer, prompt, where, fields.prompt, add_generation_prompt=True)
     return (
+        prompt,
         prompt_text,
         _completion_text(tokenizer, prompt, prompt_text, chosen, where, fields.chosen),
         _completion_text(tokenizer, prompt, prompt_text, rejected, where, fields.rejected),

@@ -11,12 +11,20 @@ A judge may also take keyword-only settings, filled from the config by name: ``m
 (eval.judge_model), ``trust_remote_code`` (eval.judge_trust_remote_code), ``batch_size``
 (eval.batch_size) and ``device`` (the worker's torch device). The built-in ``reward_model`` judge
 uses all four.
+
+A judge that also takes a keyword-only ``conversations`` gets, with each call, one entry per
+response: the prompt as a list of ``{role, content}`` messages for a conversational row, or None
+for plain text. The ``reward_model`` judge uses it to render the conversation with the reward
+model's own chat template.
+
+Every score must be a finite number, one per response; anything else is an error naming the judge.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 
@@ -24,6 +32,7 @@ import torch
 
 Judge = Callable[[list[str], list[str]], list[float]]
 SETTINGS = ("model_path", "trust_remote_code", "batch_size", "device")
+CONVERSATIONS = "conversations"  # a per-call keyword, not a setting: the prompts' messages
 
 _REGISTRY: dict[str, Callable[..., list[float]]] = {}
 
@@ -34,11 +43,11 @@ def register_judge(name: str) -> Callable:
     def decorator(fn: Callable) -> Callable:
         params = list(inspect.signature(fn).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        unknown = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SETTINGS]
+        unknown = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in (*SETTINGS, CONVERSATIONS)]
         if len(positional) != 2 or unknown:
             raise TypeError(
                 f"register_judge({name!r}): {fn.__qualname__} must look like fn(prompts, responses, *, setting=...), "
-                f"with settings among {', '.join(SETTINGS)}" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                f"with settings among {', '.join(SETTINGS)} (and {CONVERSATIONS})" + (f"; unknown: {', '.join(unknown)}" if unknown else "")
             )
         existing = _REGISTRY.get(name)
         # A re-import registers the same function again; another function under a taken name is a mistake.
@@ -81,27 +90,76 @@ def build_judge(eval_cfg, device: torch.device | str = "cpu") -> Judge | None:
     return partial(fn, **{k: v for k, v in values.items() if k in wanted})
 
 
-def run_judge(judge: Judge, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """Call ``judge`` once on all responses and check it gave one finite-or-not float per response."""
-    scores = judge(list(prompts), list(responses))
+def run_judge(judge: Judge, prompts: Sequence[str], responses: Sequence[str], *,
+              conversations: Sequence[list[dict] | None] | None = None, name: str = "") -> list[float]:
+    """Call ``judge`` once on all responses; check it gave one finite number per response.
+
+    ``conversations`` (one per response, None for plain text) is passed only to a judge that takes
+    it. ``name`` (eval.judge) is what the errors call the judge. A NaN or infinite score would make
+    the mean reward NaN and count as a loss in the win rate, silently, so it is refused.
+    """
+    name = name or getattr(judge, "__name__", type(judge).__name__)
+    extra = {CONVERSATIONS: list(conversations or [None] * len(responses))} if _takes_conversations(judge) else {}
+    scores = judge(list(prompts), list(responses), **extra)
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise ValueError(f"eval.judge {name!r} returned {type(scores).__name__}; it must return a list of floats, "
+                         "one per response") from None
     if len(scores) != len(responses):
-        raise ValueError(f"eval.judge returned {len(scores)} scores for {len(responses)} responses; it must give one each")
-    return [float(s) for s in scores]
+        raise ValueError(f"eval.judge {name!r} returned {len(scores)} scores for {len(responses)} responses; "
+                         "it must give one each")
+    out = []
+    for i, score in enumerate(scores):
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"eval.judge {name!r} gave score {score!r} to response {i} ({responses[i][:60]!r}); "
+                             "every score must be a finite number")
+        out.append(value)
+    return out
+
+
+def _takes_conversations(judge: Judge) -> bool:
+    try:
+        return CONVERSATIONS in inspect.signature(judge).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
 
 
 @register_judge("reward_model")
-def reward_model(prompts, responses, *, model_path: str, trust_remote_code: bool = False, batch_size: int = 8,
-                 device: torch.device = torch.device("cpu")) -> list[float]:
-    """A Hugging Face sequence-classification reward model (one label) scoring each (prompt, response)
-    as a text pair, in batches; its score is the label's logit."""
+def reward_model(prompts, responses, *, conversations=None, model_path: str, trust_remote_code: bool = False,
+                 batch_size: int = 8, device: torch.device = torch.device("cpu")) -> list[float]:
+    """A Hugging Face sequence-classification reward model (one label) scoring each response, in
+    batches; its score is the label's logit.
+
+    A conversational prompt is rendered with the reward model's own chat template, the response as
+    the final assistant message: reward models are trained on their template's text, not on the
+    policy's. A plain-text prompt, or any prompt when the reward model's tokenizer has no chat
+    template, is scored as the text pair (prompt, response).
+    """
     model, tokenizer = _load_reward_model(model_path, trust_remote_code, str(device))
+    conversations = conversations or [None] * len(responses)
+    encoded = [reward_model_inputs(tokenizer, p, r, c) for p, r, c in zip(prompts, responses, conversations)]
     scores: list[float] = []
     with torch.no_grad():
-        for i in range(0, len(responses), batch_size):
-            enc = tokenizer(list(prompts[i : i + batch_size]), list(responses[i : i + batch_size]),
-                            padding=True, truncation=True, return_tensors="pt").to(device)
-            scores += model(**enc).logits[:, 0].float().tolist()
+        for i in range(0, len(encoded), batch_size):
+            enc = tokenizer.pad(encoded[i : i + batch_size], padding=True, return_tensors="pt").to(device)
+            scores += model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0].float().tolist()
     return scores
+
+
+def reward_model_inputs(tokenizer, prompt: str, response: str, conversation: list[dict] | None) -> dict:
+    """One (prompt, response) as the reward model's ``input_ids``/``attention_mask`` (unpadded)."""
+    if conversation and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": response}], tokenize=False)
+        # The template writes the special tokens (BOS, turn markers) itself.
+        enc = tokenizer(text, add_special_tokens=False, truncation=True)
+    else:
+        enc = tokenizer(prompt, response, truncation=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 @lru_cache(maxsize=2)

@@ -11,21 +11,23 @@ from collections.abc import Sequence
 import torch
 
 
-def length_stats(lengths: Sequence[int], max_new_tokens: int) -> dict[str, float]:
-    """Response lengths (generated tokens, EOS included) -> mean, median, p90 and share at the limit.
+def length_stats(lengths: Sequence[int], cut_off: Sequence[bool]) -> dict[str, float]:
+    """Response lengths (generated tokens, EOS included) -> mean, median, p90 and share cut off.
 
     Quantiles interpolate linearly between order statistics (``torch.quantile``'s default, as
     numpy's), so the median of an even count is the mean of the two middle lengths.
-    ``hit_limit`` is the share of responses that used all ``max_new_tokens``: cut off, mostly.
+    ``length_hit_limit`` is the share of responses cut off: ``cut_off[i]`` marks response i as
+    having reached max_new_tokens without an EOS. One that ends with EOS exactly at the limit
+    finished on its own and is not counted.
     """
     x = torch.tensor(list(lengths), dtype=torch.float64)
-    if x.numel() == 0:
-        raise ValueError("length_stats needs at least one response")
+    if x.numel() == 0 or len(cut_off) != x.numel():
+        raise ValueError(f"length_stats needs one cut_off flag per response, at least one; got {x.numel()}, {len(cut_off)}")
     return {
         "length_mean": float(x.mean()),
         "length_median": float(torch.quantile(x, 0.5)),
         "length_p90": float(torch.quantile(x, 0.9)),
-        "length_hit_limit": float((x >= max_new_tokens).double().mean()),
+        "length_hit_limit": sum(map(bool, cut_off)) / len(cut_off),
     }
 
 
@@ -37,6 +39,10 @@ def monte_carlo_kl(logps: Sequence[float], ref_logps: Sequence[float], tokens: S
     ``kl_per_token`` divides the summed log-ratios by the summed token counts (longer responses
     weigh more, as in a token-level average). A single sample's estimate can be negative; the mean
     over many is not, in expectation.
+
+    Unbiased only when the responses are exact samples of π: temperature 1, no top-p/top-k
+    truncation. Samples from a sharpened or truncated π' estimate E_π'[log π − log π_ref] instead,
+    which is not KL(π ‖ π_ref) (``generation_eval`` draws separate T=1 samples for it then).
     """
     lp, ref, n = (torch.tensor(list(v), dtype=torch.float64) for v in (logps, ref_logps, tokens))
     if not lp.numel() == ref.numel() == n.numel() or lp.numel() == 0:
@@ -97,3 +103,13 @@ def first_response(generated: Sequence[int], eos_ids: set[int]) -> list[int]:
         if token in eos_ids:
             break
     return out
+
+
+def gen_metric_names(settings) -> set[str]:
+    """The ``gen/…`` names ``generation.summarize`` reports with these eval settings (for checking a study's score)."""
+    names = ["length_mean", "length_median", "length_p90", "length_hit_limit", "ref_length_mean", "kl_per_sequence",
+             "kl_per_token", "entropy", "topk_entropy", "topk_mass", "repetition_rate",
+             *(f"distinct_{n}" for n in range(1, settings.distinct_n + 1))]
+    if settings.judge:
+        names += ["reward_mean", "ref_reward_mean", "win_rate"]
+    return {f"gen/{n}" for n in names}
