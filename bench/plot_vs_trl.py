@@ -40,7 +40,7 @@ def plot(runs: list[tuple[str, dict]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.3 * len(FIGURES), 3.4))
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.3 * len(FIGURES), 3.8))
     labels = [label for label, _ in runs]
     for ax, (key, title, target) in zip(axes, FIGURES):
         values = [ratios[key] for _, ratios in runs]
@@ -51,7 +51,9 @@ def plot(runs: list[tuple[str, dict]], out: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("po_ray ÷ TRL")
         ax.set_ylim(0, max([*values, target]) * 1.25)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=25)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,8 @@ def ensure_ray(cfg: Config, *, dashboard: bool = False) -> None:
         # glibc raises its mmap threshold each time a large block is freed, after which tensors of up
         # to 32 MiB come from the heap and fragment it: a CPU worker's resident memory then grows
         # step by step to ~1.3x its live tensors. A fixed threshold hands larger blocks back to the
-        # OS when freed. 8 MiB measured -0.2 GiB for -4 % tokens/s; 1 MiB saves 0.7 GiB but costs
-        # 16 % in page faults (docs/benchmarks.md). Set the variable yourself to choose otherwise.
+        # OS when freed, at the price of page faults when they are allocated again: 8 MiB is the
+        # middle of that trade (measured in docs/benchmarks.md). Set the variable to choose otherwise.
         env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(8 * 2**20))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
