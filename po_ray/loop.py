@@ -25,7 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from po_ray.checkpoint import export_hf_model, load_checkpoint, save_checkpoint
+from po_ray.checkpoint import export_hf_model, load_checkpoint, pick_complete, registered_checkpoints, save_checkpoint
 from po_ray.config import Config, from_dict, to_dict
 from po_ray.data import collate, load_pairs, load_tokenizer
 from po_ray.engine import build_engine, run, split_pairs
@@ -126,8 +126,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            start_step = load_checkpoint(engine, Path(folder), rank=rank, world_size=world)["step"]
+        with checkpoint.as_directory() as latest:
+            # Ray Train hands over its latest; if a file of it is missing or truncated, take the
+            # previous registered one (every rank decides alike: they read the same manifests).
+            folder = pick_complete([Path(latest), *registered_checkpoints(run_dir)], warn=say)
+            start_step = load_checkpoint(engine, folder, rank=rank, world_size=world)["step"]
         say(f"[po-ray] resumed from checkpoint at step {start_step}; next pair position {sampler.position(start_step)}")
         if rank == 0:  # the run's restart history, for the summary and for anyone auditing it
             with (run_dir / RESUMES_FILE).open("a") as f:
