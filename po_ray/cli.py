@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from po_ray.config import ConfigError, field_docs, find_config, load_config
+from po_ray.tracking import redact_text
 
 
 def resolve_config_path(name: str | None) -> Path | None:
@@ -43,9 +44,10 @@ def format_train_summary(s: dict) -> str:
     if s.get("model_dir"):
         lines.append(f"{'exported Hugging Face model':48s} {s['model_dir']}")
     if s.get("tracking_uri"):
-        lines.append(f"{'MLflow tracking URI':48s} {s['tracking_uri']}  (run {s.get('mlflow_run_id')})")
-        if s["tracking_uri"].startswith("sqlite:"):
-            lines.append(f"look at it with:  mlflow ui --backend-store-uri {s['tracking_uri']} --host 127.0.0.1 --port 5000")
+        uri = redact_text(s["tracking_uri"])  # a password in the URL or a token from the env stays off the screen
+        lines.append(f"{'MLflow tracking URI':48s} {uri}  (run {s.get('mlflow_run_id')})")
+        if uri.startswith("sqlite:"):
+            lines.append(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return "\n".join(lines)
 
 
@@ -177,17 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"po-ray: config error: {e}", file=sys.stderr)
+        print(redact_text(f"po-ray: config error: {e}"), file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
         # Data errors name file:row: field; loss-option errors name the key.
-        print(f"po-ray: error: {e}", file=sys.stderr)
+        print(redact_text(f"po-ray: error: {e}"), file=sys.stderr)
         return 2
     except Exception as e:
         if type(e).__name__ not in ("WorkerGroupError", "ControllerError"):  # Ray Train's; not imported here
             raise
         # Ray Train's message is every worker's full traceback; lead with what went wrong.
-        print(f"po-ray: the Ray Train run failed: {_root_causes(e)}\n(full worker tracebacks above)", file=sys.stderr)
+        print(redact_text(f"po-ray: the Ray Train run failed: {_root_causes(e)}\n(full worker tracebacks above)"),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("po-ray: interrupted; `po-ray train --resume` (same run.name) continues from the last checkpoint",

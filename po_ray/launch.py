@@ -58,8 +58,8 @@ def check_storage(path: Path) -> None:
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
         raise ConfigError(
-            f"run.storage_path: only {free / 2**20:.0f} MiB free under {path}; checkpoints need more — free space "
-            "or point storage_path elsewhere"
+            f"run.storage_path: only {free / 2**20:.0f} MiB free under {path}, less than the {MIN_FREE_BYTES // 2**20} "
+            "MiB a run needs at the least (checkpoints need more); free space or point storage_path elsewhere"
         )
 
 

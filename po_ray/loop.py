@@ -45,6 +45,7 @@ from po_ray.reference import (
     resolve_strategy,
 )
 from po_ray.sampler import PairSampler, shard_evenly
+from po_ray.tracking import redact, redact_text
 
 RESUMES_FILE = "resumes.jsonl"
 # Peak dense bf16 FLOP/s per device for the MFU estimate; unknown devices (and CPUs) get no MFU.
@@ -202,7 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if tracker:
             tracker.log_metrics(metrics, step=step + 1)
         if done or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
-            state = {"pairs_consumed": sampler.position(step + 1), "config": to_dict(cfg)}
+            state = {"pairs_consumed": sampler.position(step + 1), "config": redact(to_dict(cfg))}  # for people to read
             _report_with_checkpoint(engine, metrics, step + 1, rank, world, state)
         elif (step + 1) % cfg.train.report_every == 0:
             ray.train.report(metrics)
@@ -222,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "reference_strategy": strategy,
             "resumed_from_steps": [json.loads(ln)["step"] for ln in _read_lines(run_dir / RESUMES_FILE)],
             "param_fraction_per_rank": param_fractions,
-            "tracking_uri": tracker.tracking_uri if tracker else None,
+            "tracking_uri": redact_text(tracker.tracking_uri) if tracker else None,  # the file is shared, secrets are not
             "mlflow_run_id": tracker.run_id if tracker else None,
         }
         _write_json(run_dir / "summary.json", summary)
