@@ -148,6 +148,36 @@ def test_resume_continues_with_the_next_unseen_pair(reference_run, tmp_path):
     assert_same_steps(Path(summary["run_dir"]), reference_dir, 30)
 
 
+def test_a_truncated_shard_sends_the_resume_to_the_previous_checkpoint(reference_run, tmp_path):
+    from po_ray.launch import train
+
+    _, _, reference_dir = reference_run
+    train(demo_config(tmp_path, "damaged", "train.max_steps=20", "checkpoint.export_model=false"))
+    run_dir = tmp_path / "damaged"
+    latest = next(c for c in run_dir.glob("checkpoint_*")
+                  if c.is_dir() and json.loads((c / "trainer_state.json").read_text())["step"] == 20)
+    shard = latest / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    summary = train(demo_config(tmp_path, "damaged", "train.max_steps=30", "checkpoint.export_model=false"), resume=True)
+    assert summary["resumed_from_steps"] == [10]
+    assert_same_steps(run_dir, reference_dir, 30)
+    warning = (f"[po-ray] WARNING: checkpoint {latest} is damaged: deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt "
+               f"has {size // 2} bytes, rank 1 wrote {size} (truncated or overwritten); trying the previous checkpoint")
+    assert poll_worker_logs(warning), "rank 0 never warned about the damaged checkpoint"
+
+
+def poll_worker_logs(text: str, timeout_s: float = 60) -> bool:
+    """Whether a worker printed ``text``: Ray writes each worker's stdout to the session's logs/*.out."""
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if any(text in p.read_text(errors="replace") for p in logs.glob("*.out")):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_killed_worker_restarts_from_last_checkpoint(reference_run, tmp_path):
     from po_ray.launch import train
 
@@ -245,7 +275,7 @@ def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(reference_ru
     assert f"non-finite loss at step 4 (pairs {pairs}): 2 steps skipped, more than train.max_skipped_steps=1" in str(
         failure.value)
     saved = {json.loads((c / "trainer_state.json").read_text())["step"]: c
-             for c in (tmp_path / "too-many").glob("checkpoint_*")}
+             for c in (tmp_path / "too-many").glob("checkpoint_*") if c.is_dir()}  # not Ray's snapshot file
     assert sorted(saved) == [1, 2, 3]  # step 2 skipped (NaN gradient) is saved with untouched weights; 4 never
     for step, folder in saved.items():
         for name, tensor in fp32_weights(folder).items():
