@@ -94,21 +94,22 @@ def check_complete(folder: Path) -> dict:
     return manifests[0]
 
 
+def _snapshot(run_dir: Path) -> dict:
+    path = Path(run_dir) / CHECKPOINT_SNAPSHOT
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def registered_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints that Ray Train registered (every rank reported them), newest first."""
-    path = Path(run_dir) / CHECKPOINT_SNAPSHOT
-    if not path.is_file():
-        return []
-    snapshot = json.loads(path.read_text())
-    order = sorted(zip(snapshot["checkpoint_report_indices"], snapshot["checkpoint_results"]),
+    snapshot = _snapshot(run_dir)
+    order = sorted(zip(snapshot.get("checkpoint_report_indices", []), snapshot.get("checkpoint_results", [])),
                    key=lambda pair: pair[0], reverse=True)
     return [Path(run_dir) / result["checkpoint_dir_name"] for _, result in order]
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether Ray Train will hand the run a checkpoint to resume from (its registry names a latest one)."""
-    path = Path(run_dir) / CHECKPOINT_SNAPSHOT
-    return path.is_file() and json.loads(path.read_text()).get("latest_checkpoint_result") is not None
+    return _snapshot(run_dir).get("latest_checkpoint_result") is not None
 
 
 def pick_complete(candidates: list[Path], warn: Callable[[str], None]) -> Path:
