@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from po_ray.config import ConfigError, field_docs, find_config, load_config
+from po_ray.tracking import redact_text
 
 
 def resolve_config_path(name: str | None) -> Path | None:
@@ -48,6 +49,7 @@ def format_train_summary(s: dict) -> str:
 
 
 def _tracking_lines(uri: str, run_id: str | None, width: int) -> list[str]:
+    uri = redact_text(uri)  # a password in the URL or a token from the env stays off the screen
     lines = [f"{'MLflow tracking URI':{width}s} {uri}  (run {run_id})"]
     if uri.startswith("sqlite:"):
         lines.append(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
@@ -214,17 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"po-ray: config error: {e}", file=sys.stderr)
+        print(redact_text(f"po-ray: config error: {e}"), file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:
         # Data errors name file:row: field; loss-option errors name the key.
-        print(f"po-ray: error: {e}", file=sys.stderr)
+        print(redact_text(f"po-ray: error: {e}"), file=sys.stderr)
         return 2
     except Exception as e:
         if type(e).__name__ not in ("WorkerGroupError", "ControllerError"):  # Ray Train's; not imported here
             raise
         # Ray Train's message is every worker's full traceback; lead with what went wrong.
-        print(f"po-ray: the Ray Train run failed: {_root_causes(e)}\n(full worker tracebacks above)", file=sys.stderr)
+        print(redact_text(f"po-ray: the Ray Train run failed: {_root_causes(e)}\n(full worker tracebacks above)"),
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("po-ray: interrupted; `po-ray train --resume` (same run.name) continues from the last checkpoint",

@@ -13,6 +13,7 @@ from ray.train import CheckpointConfig, ControllerError, FailureConfig, LoggingC
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
+from po_ray.checkpoint import has_checkpoint
 from po_ray.config import Config, ConfigError, to_dict
 from po_ray.losses import build_loss
 from po_ray.losses.registry import import_loss_plugins
@@ -57,13 +58,9 @@ def check_storage(path: Path) -> None:
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
         raise ConfigError(
-            f"run.storage_path: only {free / 2**20:.0f} MiB free under {path}; checkpoints need more — free space "
-            "or point storage_path elsewhere"
+            f"run.storage_path: only {free / 2**20:.0f} MiB free under {path}, less than the {MIN_FREE_BYTES // 2**20} "
+            "MiB a run needs at the least (checkpoints need more); free space or point storage_path elsewhere"
         )
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
 
 
 def ensure_ray(cfg: Config, *, dashboard: bool = False) -> None:
@@ -169,7 +166,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     run_dir = run_dir_for(cfg)
     check_storage(run_dir)
     summary_path = run_dir / "summary.json"
-    if has_checkpoints(run_dir):
+    if has_checkpoint(run_dir):  # Ray Train's registry, not folders that merely exist
         if summary_path.exists() and json.loads(summary_path.read_text()).get("steps") == cfg.train.max_steps:
             print(f"[po-ray] run {cfg.run.name!r} already finished {cfg.train.max_steps} steps ({run_dir}); "
                   "raise train.max_steps to continue it, or pick a new run.name", flush=True)

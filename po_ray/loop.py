@@ -25,7 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from po_ray.checkpoint import export_hf_model, load_checkpoint, save_checkpoint
+from po_ray.checkpoint import export_hf_model, load_checkpoint, pick_complete, registered_checkpoints, save_checkpoint
 from po_ray.config import Config, from_dict, to_dict
 from po_ray.data import collate, load_pairs, load_tokenizer
 from po_ray.engine import build_engine, run, split_pairs
@@ -45,6 +45,7 @@ from po_ray.reference import (
     resolve_strategy,
 )
 from po_ray.sampler import PairSampler, shard_evenly
+from po_ray.tracking import redact, redact_text
 
 RESUMES_FILE = "resumes.jsonl"
 # Peak dense bf16 FLOP/s per device for the MFU estimate; unknown devices (and CPUs) get no MFU.
@@ -126,8 +127,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            start_step = load_checkpoint(engine, Path(folder), rank=rank, world_size=world)["step"]
+        with checkpoint.as_directory() as latest:
+            # Ray Train hands over its latest; if a file of it is missing or truncated, take the
+            # previous registered one (every rank decides alike: they read the same manifests).
+            folder = pick_complete([Path(latest), *registered_checkpoints(run_dir)], warn=say)
+            start_step = load_checkpoint(engine, folder, rank=rank, world_size=world)["step"]
         say(f"[po-ray] resumed from checkpoint at step {start_step}; next pair position {sampler.position(start_step)}")
         if rank == 0:  # the run's restart history, for the summary and for anyone auditing it
             with (run_dir / RESUMES_FILE).open("a") as f:
@@ -165,16 +169,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             out = loss_fn(logps)  # loss
             non_finite_pairs += batch["pair_ids"][~torch.isfinite(out.losses.detach()).cpu()].tolist()
             engine.backward(out.losses.mean())  # backward (DeepSpeed scales by accumulation steps)
-            engine.step()  # optimiser step at the accumulation boundary; skipped on NaN/inf gradients
+            _step(engine, device)  # optimiser step at the accumulation boundary; skipped on NaN/inf gradients
             _accumulate(step_sums, _metrics(out, policy, logps))
             step_pair_ids += batch["pair_ids"].tolist()
             tokens_since += float(batch["attention_mask"].sum())
         if engine.skipped_steps > skipped_steps or _any_rank(bool(non_finite_pairs), device):
             # A NaN/inf loss or gradient: DeepSpeed dropped this step's gradients, the weights are
             # untouched. Count it; past the limit, stop with the step and the pairs to look at.
-            skipped_steps = _check_skipped(engine, skipped_steps, non_finite_pairs, step + 1, cfg.train.max_skipped_steps)
-            say(f"[po-ray] WARNING: step {step + 1} skipped (non-finite loss or gradient; "
-                f"{skipped_steps}/{cfg.train.max_skipped_steps} allowed)")
+            skipped_steps, where = _check_skipped(engine, skipped_steps, non_finite_pairs, step_pair_ids, step + 1,
+                                                  cfg.train.max_skipped_steps)
+            say(f"[po-ray] WARNING: {where}: step skipped ({skipped_steps}/{cfg.train.max_skipped_steps} allowed)")
             metrics = {}
             ledger.write(step + 1, step_pair_ids, None, skipped=True)
         else:
@@ -199,7 +203,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if tracker:
             tracker.log_metrics(metrics, step=step + 1)
         if done or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
-            state = {"pairs_consumed": sampler.position(step + 1), "config": to_dict(cfg)}
+            state = {"pairs_consumed": sampler.position(step + 1), "config": redact(to_dict(cfg))}  # for people to read
             _report_with_checkpoint(engine, metrics, step + 1, rank, world, state)
         elif (step + 1) % cfg.train.report_every == 0:
             ray.train.report(metrics)
@@ -219,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "reference_strategy": strategy,
             "resumed_from_steps": [json.loads(ln)["step"] for ln in _read_lines(run_dir / RESUMES_FILE)],
             "param_fraction_per_rank": param_fractions,
-            "tracking_uri": tracker.tracking_uri if tracker else None,
+            "tracking_uri": redact_text(tracker.tracking_uri) if tracker else None,  # the file is shared, secrets are not
             "mlflow_run_id": tracker.run_id if tracker else None,
         }
         _write_json(run_dir / "summary.json", summary)
@@ -311,26 +315,65 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
-def _check_skipped(engine, skipped_before: int, non_finite_pairs: list[int], step: int, limit: int) -> int:
-    """The new count of skipped steps after a step with a NaN/inf loss or gradient (collective).
+def _step(engine, device) -> None:
+    """engine.step(), skipping the update at an accumulation boundary whose gradients are NaN/inf on
+    any rank where DeepSpeed would apply it (collective).
 
-    Raises when DeepSpeed applied the update anyway (ZeRO stage 0 has no gradient check), or when the
-    count passes ``limit``: either way before the weights can reach a checkpoint.
+    DeepSpeed skips such a step (no update, no LR step, ``engine.skipped_steps`` + 1) when its
+    optimiser reports ``overflow``: its ZeRO 1-3, fp16 and bf16 optimisers check the gradient norm.
+    ZeRO stage 0 in fp32 steps the plain torch optimiser, which has no such check, so po_ray checks
+    the gradients itself and makes the optimiser report the overflow.
     """
-    pairs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(pairs, non_finite_pairs)
-    pairs = sorted(p for rank_pairs in pairs for p in rank_pairs)
-    # sweep.py reads "non-finite {loss|gradient} at step N" to record the trial's stop.
-    where = f"non-finite loss at step {step} (pairs {pairs})" if pairs else f"non-finite gradient at step {step}"
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "overflow") or not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return
+    if not _any_rank(has_non_finite_grad(engine.module.parameters()), device):
+        engine.step()
+        return
+    optimizer.step = lambda *args, **kwargs: None  # instance attributes over the class's, for this step only
+    optimizer.overflow = True
+    try:
+        engine.step()  # clears the gradients, counts the skip, leaves weights, moments and LR alone
+    finally:
+        del optimizer.step, optimizer.overflow
+
+
+def has_non_finite_grad(parameters) -> bool:
+    """Whether any parameter's gradient holds a NaN or inf (parameters without gradients are skipped)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def non_finite_message(step: int, loss_pairs: list[int], step_pairs: list[int]) -> str:
+    """Where a skipped step went wrong: the pairs whose loss was NaN/inf, else (a finite loss whose
+    gradient was not) every pair of the step. sweep.py reads "non-finite {loss|gradient} at step N"."""
+    if loss_pairs:
+        return f"non-finite loss at step {step} (pairs {sorted(loss_pairs)})"
+    return f"non-finite gradient at step {step} (the step's pairs {sorted(step_pairs)})"
+
+
+def _check_skipped(engine, skipped_before: int, non_finite_pairs: list[int], step_pair_ids: list[int], step: int,
+                   limit: int) -> tuple[int, str]:
+    """The new count of skipped steps after a step with a NaN/inf loss or gradient, and what went wrong
+    (collective: every rank's pairs).
+
+    Raises when the update was applied anyway (the optimiser reported no overflow), or when the count
+    passes ``limit``: either way before the weights can reach a checkpoint.
+    """
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (non_finite_pairs, step_pair_ids))
+    where = non_finite_message(step, [p for loss_pairs, _ in gathered for p in loss_pairs],
+                               [p for _, step_pairs in gathered for p in step_pairs])
     if engine.skipped_steps == skipped_before:
-        raise FloatingPointError(f"{where}, and DeepSpeed applied the update (it checks gradients from ZeRO "
-                                 "stage 1 on); stopping before it reaches a checkpoint.")
+        raise FloatingPointError(f"{where}, and the update was applied anyway (the optimiser reported no "
+                                 "overflow); stopping before it reaches a checkpoint.")
     if engine.skipped_steps > limit:
         raise FloatingPointError(
             f"{where}: {engine.skipped_steps} steps skipped, more than train.max_skipped_steps={limit}; "
             "no update was applied. Lower optimizer.lr, raise loss.beta, or check those pairs."
         )
-    return int(engine.skipped_steps)
+    return int(engine.skipped_steps), where
 
 
 def _throughput(tokens_per_s: float, n_params: int, world: int, use_gpu: bool, live_reference: bool) -> dict:

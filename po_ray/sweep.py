@@ -50,6 +50,7 @@ from po_ray.reference import reference_identity, resolve_strategy
 from po_ray.report import REPORT_DIR, STOP_FILE, STOPS_FILE, ReportError, write_report
 from po_ray.stoppers import CollapseStopper, StopDecision
 from po_ray.study import SEED_KEY, MethodSpace, StudyError, StudySpec, count_trials, load_study, to_tune_space, trial_overrides
+from po_ray.tracking import redact_text
 
 STUDY_FILE = "study.json"
 TRIALS_DIR = "trials"
@@ -476,7 +477,7 @@ def run_trial(params: dict, setup: TrialSetup) -> None:
             if limit != -1 and failures > limit:
                 raise
             last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-            print(f"[po-ray] {name}: its Ray Train run failed ({last[0][:300]}); restart {failures} of "
+            print(f"[po-ray] {name}: its Ray Train run failed ({redact_text(last[0][:300])}); restart {failures} of "
                   f"{'unlimited' if limit == -1 else limit} (run.max_failures), from its last checkpoint", flush=True)
 
 
@@ -694,7 +695,7 @@ def _format_summary(study, study_dir, results, stops, paths, manifest) -> str:
                   f"{'report (Markdown, CSV, plots)':32s} {paths['report']}"]
     lines.append(f"{'study folder':32s} {study_dir}")
     if manifest["parent_run_id"]:
-        lines.append(f"{'MLflow parent run':32s} {manifest['parent_run_id']} in {manifest['tracking_uri']}")
+        lines.append(f"{'MLflow parent run':32s} {manifest['parent_run_id']} in {redact_text(manifest['tracking_uri'])}")
     return "\n".join(lines)
 
 

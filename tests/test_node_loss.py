@@ -27,7 +27,7 @@ import pytest
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from po_ray.checkpoint import STATE_FILE  # noqa: E402
+from po_ray.checkpoint import CHECKPOINT_SNAPSHOT, STATE_FILE  # noqa: E402
 from po_ray.cli import resolve_config_path  # noqa: E402
 from po_ray.config import load_config  # noqa: E402
 from po_ray.launch import NodeWaitTimeout, node_wait_message  # noqa: E402
@@ -36,7 +36,6 @@ SLOT = "train_slot"
 STEPS = 60  # ~0.2 s a step here: room to kill the node well before the end
 EVERY = 10  # checkpoint interval
 KILL_AFTER = EVERY + 3  # steps trained when the node dies: some after the checkpoint, to be trained again
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints, in the run folder
 COMMON = [
     "optimizer.scheduler=constant",
     "optimizer.warmup_steps=0",

@@ -800,3 +800,19 @@ def test_a_killed_study_driver_resumes_without_rerunning_finished_trials(tmp_pat
     pairs = [i for r in rows for i in r["pair_ids"]]
     assert len(pairs) == len(set(pairs))
     assert (study_dir / "report" / "summary.csv").is_file()
+
+
+def test_the_closing_line_prints_no_secret(tmp_path, monkeypatch):
+    from po_ray.sweep import _format_summary
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t-mlflow-pw")
+    manifest = {"parent_run_id": "p123", "tracking_uri": "https://ci:s3cr3t-mlflow-pw@mlflow.internal/"}
+    text = _format_summary(SimpleNamespace(name="robust"), tmp_path, [], [], {}, manifest)
+    assert text == "\n".join([
+        "",
+        "=== po-ray: study robust finished ===",
+        "0 trials: 0 stopped early, 0 failed",
+        "study folder".ljust(32) + f" {tmp_path}",
+        "MLflow parent run".ljust(32) + " p123 in https://ci:***@mlflow.internal/",
+    ])
+    assert "s3cr3t" not in text

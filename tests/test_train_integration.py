@@ -148,6 +148,36 @@ def test_resume_continues_with_the_next_unseen_pair(reference_run, tmp_path):
     assert_same_steps(Path(summary["run_dir"]), reference_dir, 30)
 
 
+def test_a_truncated_shard_sends_the_resume_to_the_previous_checkpoint(reference_run, tmp_path):
+    from po_ray.launch import train
+
+    _, _, reference_dir = reference_run
+    train(demo_config(tmp_path, "damaged", "train.max_steps=20", "checkpoint.export_model=false"))
+    run_dir = tmp_path / "damaged"
+    latest = next(c for c in run_dir.glob("checkpoint_*")
+                  if c.is_dir() and json.loads((c / "trainer_state.json").read_text())["step"] == 20)
+    shard = latest / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    summary = train(demo_config(tmp_path, "damaged", "train.max_steps=30", "checkpoint.export_model=false"), resume=True)
+    assert summary["resumed_from_steps"] == [10]
+    assert_same_steps(run_dir, reference_dir, 30)
+    warning = (f"[po-ray] WARNING: checkpoint {latest} is damaged: deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt "
+               f"has {size // 2} bytes, rank 1 wrote {size} (truncated or overwritten); trying the previous checkpoint")
+    assert poll_worker_logs(warning), "rank 0 never warned about the damaged checkpoint"
+
+
+def poll_worker_logs(text: str, timeout_s: float = 60) -> bool:
+    """Whether a worker printed ``text``: Ray writes each worker's stdout to the session's logs/*.out."""
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if any(text in p.read_text(errors="replace") for p in logs.glob("*.out")):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_killed_worker_restarts_from_last_checkpoint(reference_run, tmp_path):
     from po_ray.launch import train
 
@@ -235,14 +265,31 @@ def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(reference_ru
     weights = load_file(Path(summary["model_dir"]) / "model.safetensors")
     assert all(bool(t.isfinite().all()) for t in weights.values())
 
-    # Past the limit the run stops, naming the step and its pairs (all ranks'), before any checkpoint.
+    # Past the limit the run stops, naming the step and its pairs (all ranks'), before any checkpoint of
+    # that step. A checkpoint after every step, all kept: none of them ever holds a NaN weight.
     with pytest.raises(Exception) as failure:
         train(demo_config(tmp_path, "too-many", *FAULTY, "loss.options.nan_grad_call=2",
-                          "loss.options.nan_loss_call=4", "train.max_skipped_steps=1"))
+                          "loss.options.nan_loss_call=4", "train.max_skipped_steps=1",
+                          "checkpoint.every_steps=1", "checkpoint.keep_last=20"))
     pairs = sorted(want[0][4]["pair_ids"] + want[1][4]["pair_ids"])
-    assert f"non-finite loss at step 4 (pairs {pairs})" in str(failure.value)
-    assert "more than train.max_skipped_steps=1" in str(failure.value)
-    assert not list((tmp_path / "too-many").glob("checkpoint_*"))
+    assert f"non-finite loss at step 4 (pairs {pairs}): 2 steps skipped, more than train.max_skipped_steps=1" in str(
+        failure.value)
+    saved = {json.loads((c / "trainer_state.json").read_text())["step"]: c
+             for c in (tmp_path / "too-many").glob("checkpoint_*") if c.is_dir()}  # not Ray's snapshot file
+    assert sorted(saved) == [1, 2, 3]  # step 2 skipped (NaN gradient) is saved with untouched weights; 4 never
+    for step, folder in saved.items():
+        for name, tensor in fp32_weights(folder).items():
+            assert bool(tensor.isfinite().all()), f"checkpoint of step {step}: {name} holds NaN/inf"
+
+
+def fp32_weights(folder: Path) -> dict:
+    """The full fp32 weights of a ZeRO-3 checkpoint, merged from every rank's shards by DeepSpeed's
+    own recovery script (zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
+    assert state, f"{folder}: no weights"
+    return state
 
 
 def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(reference_run, tmp_path):
@@ -265,3 +312,18 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(refer
     # The half-written step-20 checkpoint never counted: the run went back to step 10's.
     assert result["summary"]["resumed_from_steps"] == [10]
     assert_same_steps(tmp_path / "ckpt-kill", reference_dir, 30)
+
+
+def test_no_secret_reaches_the_summary_or_the_run_folder(ray_session, tmp_path):
+    """An MLflow URI with a password (its server down here: training goes on, buffering)."""
+    from po_ray.launch import _free_port, train
+
+    password = "hunter2-correct-horse"
+    port = _free_port()
+    summary = train(demo_config(tmp_path, "secret", "train.max_steps=2", "checkpoint.export_model=false",
+                                f"tracking.tracking_uri=http://alice:{password}@127.0.0.1:{port}"))
+    assert summary["tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
+    texts = [p for p in (tmp_path / "secret").rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", "")]
+    assert any(p.name == "summary.json" for p in texts) and any(p.name == "trainer_state.json" for p in texts)
+    for path in texts:
+        assert password not in path.read_text(errors="replace"), path
