@@ -29,7 +29,7 @@ from po_ray.eval.judges import build_judge
 from po_ray.launch import check_storage, ensure_ray, run_dir_for
 from po_ray.model import build_deepspeed_config, check_model_sources, resolve_dtype
 from po_ray.reference import reference_model_config
-from po_ray.tracking import resolve_tracking_uri
+from po_ray.tracking import redact_text, resolve_tracking_uri
 
 
 def eval_loop_per_worker(loop_config: dict) -> None:
@@ -71,7 +71,8 @@ def eval_loop_per_worker(loop_config: dict) -> None:
         if loop_config.get("tracking_uri"):
             run_id = log_eval_run(cfg, loop_config["tracking_uri"], result, samples_table(samples, tokenizer, step=0),
                                   eval_json)
-            result |= {"tracking_uri": loop_config["tracking_uri"], "mlflow_run_id": run_id}
+            # The file is shared, secrets are not (as the training run's summary.json).
+            result |= {"tracking_uri": redact_text(loop_config["tracking_uri"]), "mlflow_run_id": run_id}
             eval_json.write_text(json.dumps(result, indent=1))
 
 
