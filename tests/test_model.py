@@ -393,7 +393,8 @@ def test_zero3_train_step_on_cpu(tmp_path, monkeypatch):
         # The HfDeepSpeedConfig lives on the models; drop them so later builds in this process are not ZeRO-3.
         engine = ref_engine = model = ref_model = None
         gc.collect()
-        dist.destroy_process_group()
+        # DeepSpeed's own teardown also drops its cached world group; a later test's new group needs that.
+        deepspeed.comm.destroy_process_group()
 
 
 # Rank 0 scores 10 completion tokens per row, rank 1 only 2: 14 chunks of 3 against 3.
@@ -431,7 +432,8 @@ def _two_rank_worker(rank: int, port: int) -> None:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
         engine.step()
     finally:
-        dist.destroy_process_group()
+        # DeepSpeed's own teardown also drops its cached world group; a later test's new group needs that.
+        deepspeed.comm.destroy_process_group()
 
 
 @pytest.mark.integration
