@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="sample from an exported model and score it against the reference "
-                                    "(length, KL, entropy, distinct-n, judge); writes eval.json")
+                                    "(length, KL, entropy, distinct-n, judge); writes eval.json and, with "
+                                    "tracking on, the MLflow run <run name>-eval")
     e.add_argument("--model", required=True, help="Hugging Face model folder, e.g. <run folder>/model")
     e.add_argument("--config", default="demo", help="YAML file or shipped config name: data, reference, eval.* settings")
     e.add_argument("--out", default=None, help="output folder (default: <run.storage_path>/<run.name>/eval)")
